@@ -1,0 +1,116 @@
+"""SAM as a two-step optimizer wrapper (Foret et al., 2021, "Sharpness-Aware Minimization for
+Efficiently Improving Generalization", arXiv:2010.01412), with ASAM's adaptive scaling (Kwon et al.,
+2021, arXiv:2102.11600).
+
+A drop-in for the interface most SAM code is written against: ``first_step`` / ``second_step`` /
+``step(closure)``, ``.base_optimizer`` and ``param_groups`` shared with it, so torch and timm LR
+schedulers drive the base optimizer's learning rate through the wrapper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from msam._backward import NORM_EPS
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware minimization around any base optimizer.
+
+    ``base_optimizer`` is an optimizer class (``torch.optim.SGD``; built here on the same
+    parameter groups with ``**kwargs``) or an already built optimizer (timm's
+    ``create_optimizer_v2`` result), which is then wrapped as it is.
+    """
+
+    def __init__(
+        self,
+        params: Any,
+        base_optimizer: type[torch.optim.Optimizer] | torch.optim.Optimizer,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        if rho < 0:
+            raise ValueError(f"rho must be >= 0, got {rho}")
+        defaults = dict(rho=rho, adaptive=adaptive, **kwargs)
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if kwargs:
+                raise ValueError("pass base optimizer settings when building it, not to SAM")
+            super().__init__(base_optimizer.param_groups, defaults)
+            self.base_optimizer = base_optimizer
+        else:
+            super().__init__(params, defaults)
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        # One list of groups for both, so a scheduler that sets group["lr"] reaches the base step.
+        self.param_groups = self.base_optimizer.param_groups
+        for group in self.param_groups:
+            group.setdefault("rho", rho)
+            group.setdefault("adaptive", adaptive)
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def _with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
+        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + eps`` (the ascent step), remembering ``w`` exactly."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        groups = [(g, ps) for g, ps in groups if ps]
+        if groups:
+            # One norm over every parameter of every group, as in the paper; ASAM scales by |w|.
+            scaled = [
+                torch._foreach_mul([p.grad for p in ps], [p.abs() for p in ps])
+                if g["adaptive"]
+                else [p.grad for p in ps]
+                for g, ps in groups
+            ]
+            norms = [n for s in scaled for n in torch._foreach_norm(s)]
+            wide = torch.promote_types(norms[0].dtype, torch.float32)
+            norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+            for (group, ps), s in zip(groups, scaled, strict=True):
+                for p in ps:
+                    self.state[p]["old_p"] = p.detach().clone()
+                eps = torch._foreach_mul(s, [p.abs() for p in ps]) if group["adaptive"] else s
+                scale = (group["rho"] / (norm + NORM_EPS)).to(ps[0].dtype)
+                torch._foreach_add_(ps, torch._foreach_mul(eps, scale))
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` bitwise and let the base optimizer step with the gradient at w + eps."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                old = self.state[p].pop("old_p", None)
+                if old is not None:
+                    p.copy_(old)
+        self.base_optimizer.step()
+        # The update is done: tell torch's LR schedulers (which watch ``step``) that it happened.
+        self._opt_called = True
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Whole update; ``closure`` does a full forward-backward (``loss.backward()``)."""
+        if closure is None:
+            raise RuntimeError("SAM.step needs a closure that recomputes the loss and gradients")
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state (momentum etc.) plus rho/adaptive per group."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
