@@ -23,6 +23,8 @@ import torch
 from torch import Tensor, nn
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
+#: Called with (detached outputs, targets) of each unperturbed micro-batch pass, in order.
+OutputsHook = Callable[[Tensor, Tensor], None]
 
 #: Added to the gradient norm so a zero gradient gives a zero (not NaN) perturbation.
 NORM_EPS = 1e-12
@@ -113,6 +115,7 @@ def _loop(
     micro_batches: int,
     adaptive: bool,
     scaler: Any | None,
+    on_outputs: OutputsHook | None = None,
 ) -> Tensor:
     """Reference strategy: one unperturbed and one perturbed pass per micro-batch, in order."""
     params = trainable_parameters(model)
@@ -127,9 +130,12 @@ def _loop(
         # Plain gradient accumulation: the mean of the m micro-batch gradients.
         for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
             with _no_sync(model, j < last):
-                loss = loss_fn(model(x), y)
+                out = model(x)
+                loss = loss_fn(out, y)
                 _scale(loss / micro_batches, scaler).backward()
             losses.append(loss.detach())
+            if on_outputs is not None:
+                on_outputs(out.detach(), y)
         return torch.stack(losses).float().mean()
 
     originals = [p.detach().clone() for p in params]
@@ -138,9 +144,13 @@ def _loop(
     for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
         # 1) Unperturbed pass: updates BatchNorm statistics, gives g_j. It never all-reduces.
         with _no_sync(model, True):
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            loss = loss_fn(out, y)
             grads = torch.autograd.grad(_scale(loss, scaler), params, allow_unused=True)
         losses.append(loss.detach())
+        if on_outputs is not None:
+            on_outputs(out.detach(), y)
+        del out
         grads = [
             torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
         ]
@@ -186,6 +196,7 @@ def backward(
     adaptive: bool = False,
     strategy: str = "auto",
     scaler: Any | None = None,
+    on_outputs: OutputsHook | None = None,
 ) -> Tensor:
     """Write the (m)SAM gradient into ``p.grad`` of every trainable parameter of ``model``.
 
@@ -195,6 +206,8 @@ def backward(
     are left scaled, ready for ``scaler.step(optimizer)``, and a non-finite gradient makes that step
     skip. Under DistributedDataParallel each rank perturbs with its own micro-batches and the final
     gradient is all-reduced once. Call it inside ``torch.autocast`` for mixed precision.
+    ``on_outputs(outputs, targets)`` sees each unperturbed pass's detached outputs (for training
+    accuracy without another forward pass).
     """
     _check_args(inputs, rho, micro_batches)
     if strategy == "auto":
@@ -214,4 +227,5 @@ def backward(
         micro_batches=micro_batches,
         adaptive=adaptive,
         scaler=scaler,
+        on_outputs=on_outputs,
     )

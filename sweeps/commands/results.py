@@ -1,0 +1,59 @@
+"""Commands on a finished or running sweep's folder: ``leaderboard``, ``export``, ``sync``."""
+
+from __future__ import annotations
+
+import argparse
+
+from sweeps.commands._common import existing_dir, load_entry, not_built
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    board = subparsers.add_parser(
+        "leaderboard",
+        help="show and write a sweep's leaderboard",
+        description="Rank the optimizers of a sweep; writes leaderboard.md/json and report.html.",
+    )
+    board.add_argument("run_dir", metavar="RUN_DIR", help="the sweep's run folder")
+    board.add_argument("--storage", metavar="URL", help="Optuna storage if not in RUN_DIR")
+    board.set_defaults(func=run_leaderboard)
+
+    export = subparsers.add_parser(
+        "export",
+        help="write tuned-default train configs",
+        description="Write each optimizer's best configuration as a train config with provenance.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the sweep's run folder")
+    export.add_argument("--to", metavar="DIR", required=True, help="folder for the YAML files")
+    export.set_defaults(func=run_export)
+
+    sync = subparsers.add_parser(
+        "sync",
+        help="upload a sweep's offline W&B runs",
+        description="Upload the offline W&B runs under RUN_DIR/wandb once a network is available.",
+    )
+    sync.add_argument("run_dir", metavar="RUN_DIR", help="the sweep's run folder")
+    sync.set_defaults(func=run_sync)
+
+
+def run_leaderboard(args: argparse.Namespace) -> int:
+    run_dir = existing_dir(args.run_dir, "run")
+    show = load_entry("sweeps.leaderboard", "run_leaderboard")
+    if show is None:
+        return not_built("leaderboard", "the leaderboard")
+    return int(show(run_dir, storage=args.storage) or 0)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    run_dir = existing_dir(args.run_dir, "run")
+    export = load_entry("sweeps.export", "export_tuned")
+    if export is None:
+        return not_built("export", "the exporter")
+    return int(export(run_dir, to=args.to) or 0)
+
+
+def run_sync(args: argparse.Namespace) -> int:
+    run_dir = existing_dir(args.run_dir, "run")
+    sync = load_entry("sweeps.tracking", "sync_run")
+    if sync is None:
+        return not_built("sync", "W&B sync")
+    return int(sync(run_dir) or 0)

@@ -1,0 +1,105 @@
+"""``msam sweep SPEC`` (launch a sweep) and ``msam worker SPEC`` (join one from another machine)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from msam.errors import UserError
+from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    sweep = subparsers.add_parser(
+        "sweep",
+        help="tune SGD, SAM and mSAM with equal budgets, then re-run the best over seeds",
+        description="Run a sweep spec: Optuna studies per optimizer, final runs, leaderboard.",
+    )
+    sweep.add_argument("spec", metavar="SPEC", help="sweep spec YAML")
+    add_set_option(sweep)
+    sweep.add_argument("--out", metavar="DIR", help="run folder (default: runs/<name>)")
+    workers = sweep.add_mutually_exclusive_group()
+    workers.add_argument("--workers", type=int, metavar="N", help="parallel worker processes")
+    workers.add_argument("--gpus", metavar="0,1,...", help="one worker group per listed GPU")
+    sweep.add_argument("--per-gpu", type=int, metavar="K", help="workers per GPU (with --gpus)")
+    sweep.add_argument(
+        "--storage", metavar="URL", help="Optuna storage (default: <out>/optuna.journal)"
+    )
+    sweep.add_argument(
+        "--stage", choices=("all", "tune", "final"), default="all", help="which stages to run"
+    )
+    sweep.set_defaults(func=run_sweep)
+
+    worker = subparsers.add_parser(
+        "worker",
+        help="add a worker to a running sweep (shared storage)",
+        description="Join a sweep whose studies live in shared storage, e.g. from another machine.",
+    )
+    worker.add_argument("spec", metavar="SPEC", help="the sweep's spec YAML")
+    add_set_option(worker)
+    worker.add_argument("--storage", metavar="URL", required=True, help="the sweep's storage")
+    worker.add_argument("--out", metavar="DIR", help="run folder (default: runs/<name>)")
+    worker.set_defaults(func=run_worker)
+
+
+def _load_spec(args: argparse.Namespace):
+    from sweeps.spec import load_sweep_spec
+
+    spec = load_sweep_spec(args.spec, args.sets)
+    base = spec.base
+    preflight(
+        model=base.model.name,
+        base_optimizer=base.optim.base,
+        dataset=base.data.dataset,
+        root=base.data.root,
+        synthetic=base.data.synthetic.model_dump() if base.data.synthetic else None,
+        img_size=base.data.img_size,
+        small_input=base.model.small_input,
+        model_kwargs=base.model.kwargs,
+    )
+    args.out = Path(args.out) if args.out else Path("runs") / spec.name
+    return spec
+
+
+def parse_gpus(text: str) -> list[int]:
+    """``"0,1"`` -> ``[0, 1]``; anything else is a UserError."""
+    try:
+        gpus = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        gpus = []
+    if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
+        raise UserError(f"--gpus {text!r}: expected distinct GPU indices such as 0,1")
+    return gpus
+
+
+def _check_parallelism(args: argparse.Namespace) -> None:
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1 (got {args.workers})")
+    if args.per_gpu is not None and args.gpus is None:
+        raise UserError("--per-gpu needs --gpus")
+    if args.per_gpu is not None and args.per_gpu < 1:
+        raise UserError(f"--per-gpu must be >= 1 (got {args.per_gpu})")
+    args.gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+    parallel = (args.workers or 1) > 1 or args.gpus is not None
+    if parallel and args.storage and args.storage.startswith("sqlite"):
+        raise UserError(
+            "--storage sqlite cannot take several writers ('database is locked'); "
+            "use the default journal file or a postgresql:// URL"
+        )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    _check_parallelism(args)
+    spec = _load_spec(args)
+    engine = load_entry("sweeps.engine", "run_sweep")
+    if engine is None:
+        return not_built("sweep", "the sweep engine")
+    return int(engine(spec, args) or 0)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    spec = _load_spec(args)
+    engine = load_entry("sweeps.engine", "run_worker")
+    if engine is None:
+        return not_built("worker", "the sweep engine")
+    return int(engine(spec, args) or 0)

@@ -1,0 +1,44 @@
+"""``msam train CONFIG``: one training run from a train config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train one configuration",
+        description="Train one configuration from a train config YAML; writes metrics.jsonl and "
+        "summary.json to the output folder.",
+    )
+    parser.add_argument("config", metavar="CONFIG", help="train config YAML")
+    add_set_option(parser)
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: runs/<name>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from msam.config import load_train_config
+
+    cfg = load_train_config(args.config, args.sets)
+    preflight(
+        model=cfg.model.name,
+        base_optimizer=cfg.optim.base,
+        dataset=cfg.data.dataset,
+        root=cfg.data.root,
+        synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
+        img_size=cfg.data.img_size,
+        small_input=cfg.model.small_input,
+        model_kwargs=cfg.model.kwargs,
+    )
+    run_train = load_entry("msam.trainer", "run_train")
+    if run_train is None:
+        return not_built("train", "the trainer")
+    out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
+    run_train(cfg, out_dir=out_dir, resume=args.resume)
+    return 0

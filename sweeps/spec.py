@@ -1,0 +1,296 @@
+"""Sweep spec: the YAML schema of ``msam sweep``, validated before any study or run starts.
+
+A spec holds one base train config and the search space; every optimizer gets the same trial
+budget, so SGD, SAM (Foret et al., 2021) and mSAM (Behdin et al., 2023) are compared on equal
+terms. ``SweepSpec.train_config`` turns a sampled point into a validated ``TrainConfig``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+from msam.config import (
+    OPTIMIZERS,
+    Bool,
+    DataConfig,
+    Float,
+    Int,
+    ModelConfig,
+    OptimConfig,
+    OptimName,
+    Section,
+    TrackingConfig,
+    TrainConfig,
+    TrainSection,
+    apply_overrides,
+    check_run_name,
+    load_yaml,
+    parse_train_config,
+    user_error_from_validation,
+)
+
+__all__ = [
+    "Budget",
+    "FinalStage",
+    "MicroBatchChoices",
+    "ParamSpace",
+    "SearchSpace",
+    "SweepBase",
+    "SweepSpec",
+    "load_sweep_spec",
+    "parse_sweep_spec",
+]
+
+# Which optimizers each searched hyperparameter applies to.
+SEARCHED_BY: dict[str, tuple[str, ...]] = {
+    "lr": OPTIMIZERS,
+    "rho": ("sam", "msam"),
+    "micro_batches": ("msam",),
+}
+
+
+class SweepOptim(OptimConfig):
+    """``optim`` of the base: the optimizer itself comes from ``optimizers``, so name is ignored."""
+
+    name: OptimName | None = Field(
+        None, description="ignored: each optimizer in the spec's `optimizers` list is swept"
+    )
+
+
+class SweepBase(Section):
+    """A train config without ``name``: trials are named after the sweep."""
+
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: SweepOptim = Field(default_factory=SweepOptim)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_name(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "name" in data:
+            raise ValueError("base.name is not used: runs are named after the sweep's name")
+        return data
+
+
+class ParamSpace(Section):
+    """A float range (``low``, ``high``, ``log``) or a list of ``choices`` (needed for grid)."""
+
+    low: Float | None = Field(None, description="smallest value (inclusive)")
+    high: Float | None = Field(None, description="largest value (inclusive)")
+    log: Bool = Field(False, description="sample uniformly in log space (for scale parameters)")
+    choices: list[Float] | None = Field(None, description="explicit values instead of a range")
+
+    @model_validator(mode="after")
+    def _range_or_choices(self) -> ParamSpace:
+        has_range = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if has_range:
+                raise ValueError("give either low/high or choices, not both")
+            _check_choices(self.choices, "choices: ")
+        elif self.low is None or self.high is None:
+            raise ValueError("needs low and high (or choices)")
+        elif not self.low < self.high:
+            raise ValueError(f"low {self.low} must be below high {self.high}")
+        elif self.log and self.low <= 0:
+            raise ValueError(f"low must be > 0 with log: true (got {self.low})")
+        return self
+
+    def values(self) -> list[float]:
+        """The values the space can produce at its edges (or all of its choices)."""
+        return list(self.choices) if self.choices is not None else [self.low, self.high]
+
+
+class MicroBatchChoices(Section):
+    """mSAM micro-batch counts to try; each must divide the base batch size."""
+
+    choices: list[Int] = Field(description="micro-batches per mini-batch (each >= 1)")
+
+    @field_validator("choices")
+    @classmethod
+    def _valid(cls, choices: list[int]) -> list[int]:
+        _check_choices(choices)
+        bad = [c for c in choices if c < 1]
+        if bad:
+            raise ValueError(f"each choice must be >= 1 (got {bad[0]})")
+        return choices
+
+
+def _check_choices(choices: Sequence[Any], what: str = "") -> None:
+    """Empty or repeated choices: a grid would be empty, a sampler would weigh one value twice."""
+    if not choices:
+        raise ValueError(f"{what}must not be empty")
+    repeated = [c for i, c in enumerate(choices) if c in choices[:i]]
+    if repeated:
+        raise ValueError(f"{what}{repeated[0]!r} is listed twice")
+
+
+class SearchSpace(Section):
+    """What Optuna samples; a parameter left out stays at its value in ``base.optim``."""
+
+    lr: ParamSpace | None = Field(None, description="peak learning rate, all optimizers")
+    rho: ParamSpace | None = Field(None, description="SAM radius (L2 length), sam and msam")
+    micro_batches: MicroBatchChoices | None = Field(None, description="mSAM micro-batches, msam")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> SearchSpace:
+        if self.lr is not None and min(self.lr.values()) <= 0:
+            raise ValueError(f"search.lr values must be > 0 (got {min(self.lr.values())})")
+        if self.rho is not None and min(self.rho.values()) < 0:
+            raise ValueError(f"search.rho values must be >= 0 (got {min(self.rho.values())})")
+        return self
+
+    def searched(self, optimizer: str) -> list[str]:
+        """The parameters sampled for ``optimizer`` (in a fixed order)."""
+        return [
+            key
+            for key, users in SEARCHED_BY.items()
+            if optimizer in users and getattr(self, key) is not None
+        ]
+
+
+class Budget(Section):
+    trials: Int = Field(30, ge=1, description="trials per optimizer (equal budgets)")
+    sampler: Literal["tpe", "gp", "random", "grid"] = Field("tpe", description="Optuna sampler")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Optuna pruner stopping weak trials early; none = run all to the end"
+    )
+    seed: Int = Field(0, description="sampler seed (worker k uses seed + k)")
+    match: Literal["epochs", "grad_evals"] = Field(
+        "epochs",
+        description="what equal budgets mean: equal epochs, or equal gradient evaluations "
+        "(SAM/mSAM then get fewer epochs, since each update costs two passes)",
+    )
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _null_is_none(cls, value: Any) -> Any:
+        return "none" if value is None or value is False else value
+
+
+class FinalStage(Section):
+    top_k: Int = Field(1, ge=1, description="best configurations per optimizer re-run on test")
+    seeds: Int = Field(3, ge=0, description="seeds per configuration (0 skips the final stage)")
+    epochs: Int | None = Field(None, ge=1, description="epochs of final runs; null = base's")
+
+
+class SweepSpec(Section):
+    """One sweep: SGD vs SAM vs mSAM on one model and data set, with equal budgets."""
+
+    name: str = Field(description="sweep name: run folder runs/<name>, study <name>/<optimizer>")
+    base: SweepBase
+    optimizers: list[OptimName] = Field(
+        default_factory=lambda: list(OPTIMIZERS), description="optimizers compared"
+    )
+    search: SearchSpace = Field(default_factory=SearchSpace)
+    budget: Budget = Field(default_factory=Budget)
+    final: FinalStage = Field(default_factory=FinalStage)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        return check_run_name(value)
+
+    @field_validator("optimizers")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must list at least one of sgd, sam, msam")
+        _check_choices(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        batch = self.base.train.batch_size
+        if self.search.micro_batches is not None and "msam" in self.optimizers:
+            for m in self.search.micro_batches.choices:
+                if batch % m:
+                    raise ValueError(
+                        f"search.micro_batches: choice {m} does not divide "
+                        f"base.train.batch_size {batch}"
+                    )
+        if self.budget.sampler == "grid":
+            for optimizer in self.optimizers:
+                for key in self.search.searched(optimizer):
+                    if getattr(self.search, key).choices is None:
+                        raise ValueError(
+                            f"budget.sampler=grid needs search.{key} as {{choices: [...]}}, "
+                            f"not a range"
+                        )
+        for optimizer in self.optimizers:  # every optimizer's trial config must validate
+            raw = self._raw_train_config(optimizer, self._edge_params(optimizer))
+            try:
+                TrainConfig.model_validate(raw)
+            except ValidationError as exc:
+                raise ValueError(
+                    str(user_error_from_validation(exc, TrainConfig, f"base (as {optimizer})"))
+                ) from None
+        return self
+
+    def _edge_params(self, optimizer: str) -> dict[str, Any]:
+        return {
+            key: getattr(self.search, key).choices[0]
+            if key == "micro_batches"
+            else getattr(self.search, key).values()[0]
+            for key in self.search.searched(optimizer)
+        }
+
+    def train_config(self, optimizer: str, params: Mapping[str, Any]) -> TrainConfig:
+        """The validated train config of one trial or final run.
+
+        ``params`` holds sampled ``lr``/``rho``/``micro_batches``, and may hold dotted overrides
+        such as ``train.seed`` or ``train.epochs`` (for final runs). SGD runs record rho 0 and one
+        micro-batch, SAM runs one micro-batch, so logged configs never show unused values.
+        """
+        raw = self._raw_train_config(optimizer, params)
+        return parse_train_config(raw, source=f"{self.name}/{optimizer}")
+
+    def _raw_train_config(self, optimizer: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {OPTIMIZERS}")
+        raw: dict[str, Any] = copy.deepcopy(self.base.model_dump(mode="json"))
+        raw["name"] = f"{self.name}-{optimizer}"
+        optim = raw["optim"]
+        optim["name"] = optimizer
+        if optimizer == "sgd":
+            optim.update(rho=0.0, micro_batches=1)
+        elif optimizer == "sam":
+            optim["micro_batches"] = 1
+        sets: list[tuple[list[str], Any]] = []
+        for key, value in params.items():
+            if key in SEARCHED_BY:
+                optim[key] = value
+            elif "." in key:
+                sets.append((key.split("."), value))
+            else:
+                raise ValueError(f"unknown parameter {key!r}; expected lr, rho, micro_batches")
+        for path, value in sets:
+            node = raw
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        return raw
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved spec as plain YAML/JSON types (written to the run folder as spec.yaml)."""
+        return self.model_dump(mode="json")
+
+
+def parse_sweep_spec(raw: Any, *, source: str = "spec") -> SweepSpec:
+    """Validate a raw mapping; problems become a one-line UserError naming the key."""
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise user_error_from_validation(exc, SweepSpec, source) from None
+
+
+def load_sweep_spec(path: str | Path, sets: Sequence[str] = ()) -> SweepSpec:
+    """Read, override (``--set base.train.epochs=3``) and validate a sweep spec file."""
+    raw = apply_overrides(load_yaml(path), sets)
+    return parse_sweep_spec(raw, source=str(path))
