@@ -315,6 +315,7 @@ def run_train(
         final=final,
         channels_last=channels_last,
         synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
+        img_size=cfg.data.img_size,
     )
     info = data.info
     model = create_model(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
@@ -40,5 +41,27 @@ def run(args: argparse.Namespace) -> int:
     if run_train is None:
         return not_built("train", "the trainer")
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    run_train(cfg, out_dir=out_dir, resume=args.resume)
+    result = run_train(cfg, out_dir=out_dir, resume=args.resume, callbacks=tracking_callbacks(cfg))
+    return report(result, out_dir)
+
+
+def tracking_callbacks(cfg) -> list:
+    """A W&B run for this training run when ``tracking.wandb`` asks for one."""
+    make = load_entry("sweeps.tracking", "WandbCallback")
+    if make is None or cfg.tracking.wandb.mode == "disabled":
+        return []
+    return [make.for_train(cfg)]
+
+
+def report(result, out_dir: Path) -> int:
+    """One closing line; a diverged run exits 1 with its reason."""
+    s = result.summary
+    if result.status == "diverged":
+        print(f"msam train: {result.reason}; lower optim.lr or optim.rho", file=sys.stderr)
+        return 1
+    test = f"test_acc {s['test_acc']:.4f}  " if s.get("test_acc") is not None else ""
+    print(
+        f"{result.status}: {test}val_acc {s['val_acc'] if s['val_acc'] is not None else '-'}  "
+        f"{s['seconds']:.1f} s  -> {out_dir}"
+    )
     return 0
