@@ -1,0 +1,27 @@
+"""Every YAML the project ships parses, and its model builds for its data set's images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from msam.config import load_train_config
+from msam.data import dataset_info
+from msam.models import check_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=str)
+def test_train_configs(path):
+    cfg = load_train_config(path)
+    info = dataset_info(cfg.data.dataset)
+    check_model(
+        cfg.model.name,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        img_size=info.img_size,
+        small_input=cfg.model.small_input,
+        kwargs=cfg.model.kwargs,
+    )
