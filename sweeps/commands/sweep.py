@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_set_option(worker)
     worker.add_argument("--storage", metavar="URL", required=True, help="the sweep's storage")
     worker.add_argument("--out", metavar="DIR", help="run folder (default: runs/<name>)")
+    # The launcher numbers its workers so each seeds its sampler differently (seed + index).
+    worker.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)
 
 

@@ -41,16 +41,18 @@ def run(args: argparse.Namespace) -> int:
     if run_train is None:
         return not_built("train", "the trainer")
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
-    result = run_train(cfg, out_dir=out_dir, resume=args.resume, callbacks=tracking_callbacks(cfg))
+    callbacks = tracking_callbacks(cfg, out_dir)
+    result = run_train(cfg, out_dir=out_dir, resume=args.resume, callbacks=callbacks)
     return report(result, out_dir)
 
 
-def tracking_callbacks(cfg) -> list:
-    """A W&B run for this training run when ``tracking.wandb`` asks for one."""
-    make = load_entry("sweeps.tracking", "WandbCallback")
-    if make is None or cfg.tracking.wandb.mode == "disabled":
+def tracking_callbacks(cfg, out_dir: Path) -> list:
+    """A W&B run (job_type train, under ``out_dir/wandb``) when ``tracking.wandb`` asks for one."""
+    from sweeps.tracking import WandbCallback
+
+    if cfg.tracking.wandb.mode == "disabled":
         return []
-    return [make.for_train(cfg)]
+    return [WandbCallback.from_train_config(cfg, job_type="train", dir=out_dir)]
 
 
 def report(result, out_dir: Path) -> int:

@@ -1,0 +1,125 @@
+"""Worker processes of one machine: one per CPU slot or per GPU slot, each its own ``msam worker``.
+
+A worker is ``python -m sweeps.cli worker <out>/spec.yaml --storage ... --out ... --worker-index k``
+with ``CUDA_VISIBLE_DEVICES`` set to its GPU, so the launcher and a worker started by hand on
+another machine run the same code. Output goes to ``<out>/logs/worker-<k>.log``; the launcher's
+terminal shows the live view. Ctrl-C or SIGTERM reach every worker, which fail their running
+trials as ``interrupted`` and exit; a worker that does not within ``STOP_TIMEOUT_S`` is killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Slot", "WorkerPool", "plan_slots", "worker_threads"]
+
+#: Seconds workers get to fail their trials and finish their W&B runs after a stop signal.
+STOP_TIMEOUT_S = 60
+#: Environment variable giving a spawned worker its torch CPU thread count.
+THREADS_ENV = "MSAM_WORKER_THREADS"
+
+
+@dataclass(frozen=True)
+class Slot:
+    index: int
+    gpu: int | None = None
+
+
+def plan_slots(workers: int | None, gpus: list[int] | None, per_gpu: int | None) -> list[Slot]:
+    """``--workers N`` -> N CPU slots; ``--gpus 0,1 --per-gpu K`` -> K slots on each GPU."""
+    if gpus:
+        per = per_gpu or 1
+        return [Slot(i, gpu) for i, (gpu, _) in enumerate((g, k) for g in gpus for k in range(per))]
+    return [Slot(i) for i in range(workers or 1)]
+
+
+def worker_threads() -> int:
+    """torch CPU threads per worker: ``MSAM_WORKER_THREADS``, else 1.
+
+    Parallelism comes from workers: small models gain little from intra-op threads, and threads
+    of several workers (or of other jobs) competing for the same cores slow training severalfold.
+    """
+    try:
+        return max(1, int(os.environ.get(THREADS_ENV, "1")))
+    except ValueError:
+        return 1
+
+
+class WorkerPool:
+    """Starts the workers, watches them, and stops them on a signal."""
+
+    def __init__(self, slots: list[Slot], spec_path: Path, storage_arg: str, out: Path) -> None:
+        self.slots = slots
+        self.spec_path = spec_path
+        self.storage_arg = storage_arg
+        self.out = Path(out)
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.exit_codes: dict[int, int] = {}
+        self._stop_sent: float | None = None
+
+    def log_path(self, slot: Slot) -> Path:
+        return self.out / "logs" / f"worker-{slot.index}.log"
+
+    def start(self) -> None:
+        threads = worker_threads()
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        for slot in self.slots:
+            if self._stop_sent is not None:  # stopped while starting: start no more
+                break
+            env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(threads)})
+            if slot.gpu is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
+            command = [
+                sys.executable,
+                "-m",
+                "sweeps.cli",
+                "worker",
+                str(self.spec_path),
+                "--storage",
+                self.storage_arg,
+                "--out",
+                str(self.out),
+                "--worker-index",
+                str(slot.index),
+            ]
+            with open(self.log_path(slot), "ab") as log:
+                self.procs[slot.index] = subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask every running worker to stop (they fail their trials as interrupted)."""
+        if self._stop_sent is None:
+            self._stop_sent = time.monotonic()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
+    def wait(self, tick: Callable[[], Any], poll_s: float = 0.5) -> dict[int, int]:
+        """Wait for every worker, calling ``tick`` between looks; their exit codes by index."""
+        while True:
+            for index, proc in self.procs.items():
+                code = proc.poll()
+                if code is not None and index not in self.exit_codes:
+                    self.exit_codes[index] = code
+            if len(self.exit_codes) == len(self.procs):
+                return self.exit_codes
+            if self._stop_sent is not None and time.monotonic() - self._stop_sent > STOP_TIMEOUT_S:
+                for proc in self.procs.values():
+                    if proc.poll() is None:
+                        proc.kill()
+            tick()
+            time.sleep(poll_s)

@@ -1,0 +1,222 @@
+"""One trial: sample its point, train it with pruning and W&B attached, tell Optuna the outcome.
+
+The objective is the validation accuracy of the last epoch (maximized). Each epoch's accuracy is
+reported to the pruner; a pruned trial stops through the trainer's callback interface. Outcomes
+and how Optuna records them:
+
+- complete: COMPLETE with the last epoch's ``val_acc``;
+- pruned: PRUNED, reason "pruned at epoch k";
+- diverged (non-finite loss): PRUNED, reason "diverged at epoch k ..." (a bad lr is information,
+  not a crash);
+- raised: FAIL, reason "error: ...", retried once with the same parameters;
+- interrupted (Ctrl-C, SIGTERM): FAIL, reason "interrupted", retried when the sweep resumes.
+
+Every trial records in its user attrs the worker running it, its folder, its W&B run id, its
+status and reason, and where its time went (``seconds``: train vs the sweep's own overhead).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msam.callbacks import Callback
+from sweeps._search import suggest_params, trial_epochs
+from sweeps._signals import Interrupted, InterruptGuard
+from sweeps._studies import fail_trial, requeue, study_name
+from sweeps.spec import SweepSpec
+from sweeps.storage import heartbeat
+from sweeps.tracking import WandbCallback
+
+__all__ = ["PruningCallback", "TrialRunner", "trial_dir"]
+
+
+def trial_dir(out: Path, optimizer: str, number: int) -> Path:
+    return Path(out) / "trials" / optimizer / str(number)
+
+
+class PruningCallback(Callback):
+    """Reports each epoch's validation accuracy to Optuna and stops the run when it says prune.
+
+    The last epoch is reported but never pruned: the trial is complete by then, and its value is
+    what the sampler should learn from.
+    """
+
+    def __init__(self, trial: Any, epochs: int) -> None:
+        self.trial = trial
+        self.epochs = epochs
+        self.seconds = 0.0  # time in storage calls: sweep overhead, not training
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, epoch: int, metrics: Any) -> str | None:
+        value = metrics.get("val_acc")
+        if value is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            self.trial.report(float(value), epoch)
+            prune = epoch < self.epochs and self.trial.should_prune()
+        finally:
+            self.seconds += time.perf_counter() - t0
+        if prune:
+            self.pruned_at = epoch
+            return f"pruned at epoch {epoch} (val_acc {value:.4f})"
+        return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+@dataclass
+class TrialRunner:
+    """Runs asked trials of one sweep in this process (one worker)."""
+
+    spec: SweepSpec
+    out: Path
+    storage: Any  # the storage as opened (the RDB heartbeat needs it, not Optuna's cache)
+    guard: InterruptGuard
+    worker_index: int = 0
+    verbose: bool = False
+    timings: list[dict[str, float]] = field(default_factory=list)
+
+    def run(self, study: Any, trial: Any, optimizer: str, started: float) -> str:
+        """Run ``trial`` (already asked and owned) to its end; returns the status recorded.
+
+        ``started`` is when this worker began picking the trial (``time.perf_counter()``), so the
+        recorded overhead covers sampling and storage round trips too.
+        """
+        spec = self.spec
+        folder = trial_dir(self.out, optimizer, trial.number)
+        tracker: WandbCallback | None = None
+        epochs = trial_epochs(spec, optimizer)
+        pruning = PruningCallback(trial, epochs)
+        try:
+            params = suggest_params(trial, spec, optimizer)
+            cfg = spec.train_config(optimizer, params)
+            _move_aside(folder)
+            trial.set_user_attr("trial_dir", str(folder.relative_to(self.out)))
+            tracker = self._tracker(study, trial, optimizer, params, cfg)
+            if tracker.run_id is not None:
+                trial.set_user_attr("wandb_run_id", tracker.run_id)
+            from msam.trainer import run_train
+
+            t_train = time.perf_counter()
+            with heartbeat(self.storage, trial._trial_id), self.guard.raising():
+                result = run_train(
+                    cfg,
+                    out_dir=folder,
+                    callbacks=[pruning, tracker],
+                    evaluate_test=False,
+                    verbose=self.verbose,
+                    epochs=epochs,
+                )
+            train_s = time.perf_counter() - t_train - pruning.seconds - tracker.seconds
+            status, reason, state, value = _outcome(result)
+        except (Interrupted, KeyboardInterrupt):
+            if tracker is not None:
+                tracker.finish(status="failed", reason="interrupted")
+            if fail_trial(study, trial, "interrupted"):
+                requeue(study, _frozen(study, trial), lost=True)
+            raise
+        except Exception as exc:
+            reason = f"error: {_one_line(exc)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "error.txt").write_text(traceback.format_exc())
+            if tracker is not None:
+                tracker.finish(status="failed", reason=reason)
+            if fail_trial(study, trial, reason):
+                requeue(study, _frozen(study, trial), lost=False)
+            return "failed"
+
+        tracker.finish(
+            status=status,
+            reason=reason,
+            summary={"trial": trial.number, "study": study_name(spec.name, optimizer)},
+        )
+        wandb_s = tracker.seconds
+        total = time.perf_counter() - started
+        seconds = {
+            "trial": round(total, 4),
+            "train": round(train_s, 4),
+            "overhead": round(total - train_s, 4),
+            "wandb": round(wandb_s, 4),
+            "pruner": round(pruning.seconds, 4),
+        }
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        try:
+            trial.set_user_attr("status", status)
+            if reason is not None:
+                trial.set_user_attr("reason", reason)
+            trial.set_user_attr("epochs", len(result.history))
+            trial.set_user_attr("seconds", seconds)
+            t_tell = time.perf_counter()
+            study.tell(trial, value, state=state)
+        except (UpdateFinishedTrialError, ValueError):
+            if _frozen(study, trial).state.is_finished():
+                # Another worker took it for lost (no heartbeat for too long) and retried it.
+                return "lost"
+            raise
+        seconds["tell"] = round(time.perf_counter() - t_tell, 4)
+        seconds["overhead"] = round(seconds["overhead"] + seconds["tell"], 4)
+        self.timings.append(seconds)
+        (folder / "timing.json").write_text(json.dumps(seconds, indent=2) + "\n")
+        return status
+
+    def _tracker(
+        self, study: Any, trial: Any, optimizer: str, params: dict[str, Any], cfg: Any
+    ) -> WandbCallback:
+        spec = self.spec
+        name = study_name(spec.name, optimizer)
+        return WandbCallback.from_train_config(
+            cfg,
+            group=spec.name,
+            job_type="tune",
+            name=f"{optimizer}-t{trial.number}",
+            extra_config={
+                "trial": {
+                    "study": name,
+                    "number": trial.number,
+                    "id": trial._trial_id,
+                    "params": params,
+                    "worker": self.worker_index,
+                },
+                "sweep": spec.name,
+            },
+            dir=self.out,
+            finish_on_end=False,
+        )
+
+
+def _frozen(study: Any, trial: Any) -> Any:
+    return study._storage.get_trial(trial._trial_id)
+
+
+def _outcome(result: Any) -> tuple[str, str | None, Any, float | None]:
+    """(status, reason, Optuna state, value) of a finished training run."""
+    from optuna.trial import TrialState
+
+    if result.status == "complete":
+        value = result.history[-1].get("val_acc") if result.history else None
+        if value is None:
+            raise RuntimeError("the run has no validation accuracy (data.val_fraction is 0?)")
+        return "complete", None, TrialState.COMPLETE, float(value)
+    if result.status == "diverged":
+        return "diverged", result.reason or "diverged", TrialState.PRUNED, None
+    return "pruned", result.reason or "pruned", TrialState.PRUNED, None
+
+
+def _move_aside(folder: Path) -> None:
+    """A folder left by an earlier sweep on other storage: keep it, but out of this trial's way."""
+    if not folder.exists():
+        return
+    k = 1
+    while folder.with_name(f"{folder.name}.old{k}").exists():
+        k += 1
+    folder.rename(folder.with_name(f"{folder.name}.old{k}"))

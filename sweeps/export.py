@@ -1,0 +1,154 @@
+"""Tuned defaults: each optimizer's best configuration as a train config ``msam train`` runs as is.
+
+A sweep's most reusable output is not its table but its winning hyperparameters. For every
+optimizer, ``tuned/<name>-<optimizer>.yaml`` in the run folder is the complete train config of its
+best trial (validated by ``msam.config.parse_train_config``), with the epochs the final runs used
+and seed 0. Its provenance (sweep, study, trial, validation accuracy, test accuracy over seeds,
+versions, date) sits in YAML comments at the top, because train configs accept no extra keys.
+
+``msam export RUN_DIR --to configs/tuned/`` copies them. It never silently replaces a file: one
+holding the same config is left alone, one holding a different config is an error unless forced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from msam.errors import UserError
+from sweeps._results import TUNED_DIR, SweepResults, load_sweep, package_versions
+
+__all__ = ["export_tuned", "tuned_config", "tuned_path", "tuned_text", "write_tuned"]
+
+
+def tuned_path(run_dir: str | Path, name: str, optimizer: str) -> Path:
+    return Path(run_dir) / TUNED_DIR / f"{name}-{optimizer}.yaml"
+
+
+def _one_line(text: Any) -> str:
+    """Comment-safe: a value with a newline must not end the comment and start YAML."""
+    return " ".join(str(text).split())
+
+
+def tuned_config(results: SweepResults, row: Any) -> Any:
+    """The TrainConfig of a leaderboard row's configuration, as the final runs trained it."""
+    from sweeps.finals import final_epochs
+
+    spec = results.spec
+    params = {**row.params, "train.seed": 0}
+    epochs = row.epochs or final_epochs(spec, spec.train_config(row.optimizer, params))
+    return spec.train_config(row.optimizer, {**params, "train.epochs": epochs})
+
+
+def tuned_text(results: SweepResults, row: Any, *, date: str | None = None) -> str:
+    """The YAML file: provenance comments, then the config."""
+    cfg = tuned_config(results, row)
+    date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    counts = row.trials or {}
+    searched = ", ".join(f"{k}={v}" for k, v in row.params.items()) or "none"
+    lines = [
+        f"Tuned default for {row.optimizer}, from msam sweep {results.name}.",
+        f"study: {row.study or results.name + '/' + row.optimizer}"
+        + (f" (storage: {results.storage_shown})" if results.storage_shown else ""),
+        f"trial: {row.trial}, validation accuracy "
+        + (f"{row.tuning_val_acc * 100:.2f}%" if row.tuning_val_acc is not None else "unknown")
+        + (
+            f" (best of {counts.get('complete')} complete trials; {counts.get('pruned')} pruned, "
+            f"{counts.get('failed')} failed)"
+            if counts
+            else ""
+        ),
+        f"searched: {searched}",
+    ]
+    if row.test is not None:
+        lines.append(
+            f"test accuracy over {row.test.n} seed(s) {row.seeds} (trained on train+validation, "
+            f"{cfg.train.epochs} epochs): {row.test.text(scale=100, unit='%')}"
+        )
+    else:
+        lines.append("test accuracy: no final runs yet (validation accuracy only)")
+    versions = ", ".join(f"{k} {v}" for k, v in package_versions().items())
+    lines += [
+        f"versions: {versions}",
+        f"date: {date}",
+        f"run: msam train {results.name}-{row.optimizer}.yaml [--set train.seed=1]",
+    ]
+    header = "".join(f"# {_one_line(line)}\n" for line in lines)
+    body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+    return header + body
+
+
+def write_tuned(results: SweepResults, board: Any, run_dir: str | Path) -> list[Path]:
+    """``tuned/<name>-<optimizer>.yaml`` for each optimizer's best configuration."""
+    written = []
+    for row in board.rows:
+        if row.rank != 1 or not row.params:
+            continue
+        path = tuned_path(run_dir, results.name, row.optimizer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(tuned_text(results, row), encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+def _config_of(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def export_tuned(run_dir: str | Path, to: str | Path, *, force: bool = False) -> int:
+    """Copy a run folder's tuned configs into ``to`` (``msam export``); 0 on success.
+
+    The run folder's ``tuned/`` is made first when missing (from its spec, studies and finals).
+    A file already in ``to`` with the same config (comments aside) is kept; one with a different
+    config stops the export before anything is written (UserError), unless ``force``.
+    """
+    run_dir, to = Path(run_dir), Path(to)
+    source = run_dir / TUNED_DIR
+    files = sorted(source.glob("*.yaml")) if source.is_dir() else []
+    if not files:
+        from sweeps.leaderboard import build_leaderboard
+
+        results = load_sweep(run_dir)
+        if results.spec is None:
+            raise UserError(f"{run_dir}: no spec.yaml, so no train config can be written")
+        files = write_tuned(results, build_leaderboard(results), run_dir)
+        if not files:
+            raise UserError(f"{run_dir}: no complete trial in any study; nothing to export")
+    if to.exists() and not to.is_dir():
+        raise UserError(f"--to {to}: exists and is not a folder")
+    plan: list[tuple[Path, Path, str]] = []
+    conflicts = []
+    for src in files:
+        dest = to / src.name
+        if not dest.exists():
+            plan.append((src, dest, "wrote"))
+        elif _config_of(dest) == _config_of(src):
+            plan.append((src, dest, "unchanged"))
+        elif force:
+            plan.append((src, dest, "replaced"))
+        else:
+            conflicts.append(str(dest))
+    if conflicts:
+        raise UserError(
+            f"{', '.join(conflicts)} already exist(s) with a different config; remove or rename "
+            "them first (nothing was exported)"
+        )
+    to.mkdir(parents=True, exist_ok=True)
+    for src, dest, action in plan:
+        if action != "unchanged":
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        print(f"{action}: {dest}", file=sys.stdout)
+    return 0

@@ -1,0 +1,406 @@
+"""W&B tracking: one run per training run (sweep trial, final run, ``msam train``), offline
+by default.
+
+:class:`WandbCallback` plugs into the trainer's callbacks (``msam`` itself never imports wandb).
+A run holds the resolved train config, per-epoch history (``train/loss``, ``val/acc``, ...) and the
+outcome in its summary. Mode ``auto`` is online only where credentials exist, so sweeps run
+anywhere and ``msam sync`` (:func:`sync_run`) uploads later. W&B trouble never fails a trial: it is
+a warning, and training goes on untracked. :func:`read_offline_run` reads back what an offline run
+logged, from its ``run-<id>.wandb`` file (in offline mode the ``files/`` folder lacks config and
+summary).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import secrets
+import string
+import struct
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from msam.callbacks import Callback
+from msam.errors import UserError
+
+__all__ = [
+    "HISTORY_KEYS",
+    "OfflineRun",
+    "WandbCallback",
+    "find_offline_runs",
+    "has_credentials",
+    "read_offline_run",
+    "resolve_mode",
+    "start_service",
+    "sync_run",
+]
+
+#: Trainer metric -> W&B history key.
+HISTORY_KEYS = {
+    "epoch": "epoch",
+    "train_loss": "train/loss",
+    "train_acc": "train/acc",
+    "val_loss": "val/loss",
+    "val_acc": "val/acc",
+    "lr": "lr",
+    "images_per_s": "images_per_s",
+}
+#: Seconds a process waits for W&B's background service: many workers start it at once.
+SERVICE_WAIT_S = 300
+_OK_STATUSES = ("complete", "pruned")
+
+
+def has_credentials() -> bool:
+    """True when W&B can log in without asking: WANDB_API_KEY, or a netrc entry for api.wandb.ai."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str) -> str:
+    """online | offline | disabled: ``WANDB_MODE`` wins; ``auto`` = online with credentials."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode == "auto":
+        return "online" if has_credentials() else "offline"
+    return mode
+
+
+def new_run_id() -> str:
+    """A W&B-style run id (8 lowercase letters and digits), known before the run starts."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def _warn(message: str, exc: BaseException | None = None) -> None:
+    detail = f" ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})" if exc else ""
+    warnings.warn(f"W&B: {message}{detail}; training continues untracked", RuntimeWarning, 2)
+
+
+class WandbCallback(Callback):
+    """One W&B run per training run, started when the trainer starts.
+
+    ``job_type``: tune (sweep trials), final, train (``msam train``), leaderboard, bench.
+    ``extra_config`` is merged into the logged config next to the resolved train config (a sweep
+    adds the trial's parameters and ids). With ``finish_on_end`` the run ends with the trainer;
+    otherwise the owner calls :meth:`finish` with the outcome it decided (pruned, failed, ...).
+    ``seconds`` is the time spent in W&B calls, so the sweep can report its own overhead.
+    """
+
+    def __init__(
+        self,
+        *,
+        project: str = "msam",
+        group: str | None = None,
+        job_type: str = "train",
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        extra_config: Mapping[str, Any] | None = None,
+        mode: str = "auto",
+        entity: str | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        run_id: str | None = None,
+        finish_on_end: bool = True,
+    ) -> None:
+        self.project = project
+        self.group = group
+        self.job_type = job_type
+        self.name = name
+        self.tags = list(dict.fromkeys(str(t) for t in tags if t))
+        self.extra_config = dict(extra_config or {})
+        self.mode = resolve_mode(mode)
+        self.entity = entity
+        self.dir = Path(dir) if dir is not None else None
+        self.finish_on_end = finish_on_end
+        self._run_id = run_id or new_run_id()
+        self.run: Any = None
+        self.seconds = 0.0
+        self._summary: dict[str, Any] = {}
+        self._finished = False
+
+    @classmethod
+    def from_train_config(cls, config: Any, **kwargs: Any) -> WandbCallback:
+        """Project, mode, entity and tags from a TrainConfig's ``tracking.wandb`` section."""
+        wb = config.tracking.wandb
+        tags = [config.optim.name, config.model.name, config.data.dataset, *wb.tags]
+        kwargs.setdefault("name", config.name)
+        kwargs.setdefault("tags", tags)
+        return cls(project=wb.project, mode=wb.mode, entity=wb.entity, **kwargs)
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "disabled"
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id (chosen up front, so it can be recorded before training starts)."""
+        return self._run_id if self.enabled else None
+
+    # ------------------------------------------------------------------ trainer hooks
+
+    def on_train_start(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+        if not self.enabled or self.run is not None or self._finished:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.run = self._init({**dict(config), "info": dict(info), **self.extra_config})
+        except Exception as exc:  # W&B must never fail a training run
+            _warn("could not start a run", exc)
+            self.run = None
+        self.seconds += time.perf_counter() - t0
+
+    def on_epoch_end(self, epoch: int, metrics: Mapping[str, Any]) -> None:
+        row = {
+            key: metrics[name]
+            for name, key in HISTORY_KEYS.items()
+            if metrics.get(name) is not None
+        }
+        self.log(row)
+        return None
+
+    def on_train_end(self, summary: Mapping[str, Any]) -> None:
+        self._summary.update(summary)
+        if self.finish_on_end:
+            self.finish(status=summary.get("status"), reason=summary.get("reason"))
+
+    # ------------------------------------------------------------------ direct use
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        if self.run is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.run.log(dict(row))
+        except Exception as exc:
+            _warn("could not log", exc)
+        self.seconds += time.perf_counter() - t0
+
+    def finish(
+        self,
+        status: str | None = None,
+        reason: str | None = None,
+        summary: Mapping[str, Any] | None = None,
+    ) -> None:
+        """End the run with its outcome in the summary: status (complete, pruned, failed,
+        diverged, ...) and reason. Safe to call twice and when no run started."""
+        if self._finished:
+            return
+        self._finished = True
+        if self.run is None:
+            return
+        t0 = time.perf_counter()
+        final = {**self._summary, **dict(summary or {})}
+        if status is not None:
+            final["status"] = status
+        final["reason"] = reason if reason is not None else final.get("reason")
+        try:
+            self.run.summary.update({k: v for k, v in final.items() if v is not None})
+        except Exception as exc:
+            _warn("could not write the summary", exc)
+        try:
+            self.run.finish(exit_code=0 if final.get("status") in (*_OK_STATUSES, None) else 1)
+        except Exception as exc:
+            _warn("could not finish the run", exc)
+        self.seconds += time.perf_counter() - t0
+
+    def _init(self, config: dict[str, Any]) -> Any:
+        import wandb
+
+        os.environ.setdefault("WANDB__SERVICE_WAIT", str(SERVICE_WAIT_S))
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        settings = wandb.Settings(
+            console="off",
+            silent=True,
+            x_disable_stats=True,
+            x_disable_machine_info=True,
+            disable_git=True,
+            disable_code=True,
+            save_code=False,
+            x_save_requirements=False,
+            x_service_wait=float(SERVICE_WAIT_S),
+        )
+        return wandb.init(
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            job_type=self.job_type,
+            name=self.name,
+            tags=self.tags,
+            config=config,
+            dir=str(self.dir) if self.dir is not None else None,
+            mode=self.mode,
+            id=self._run_id,
+            reinit="create_new",
+            settings=settings,
+        )
+
+
+def start_service(mode: str = "auto") -> None:
+    """Start W&B's background service now (about a second), not inside the first trial."""
+    if resolve_mode(mode) == "disabled":
+        return
+    os.environ.setdefault("WANDB__SERVICE_WAIT", str(SERVICE_WAIT_S))
+    try:
+        import wandb
+
+        wandb.setup()
+    except Exception as exc:
+        _warn("could not start the service", exc)
+
+
+# ----------------------------------------------------------------------------- offline runs
+
+
+@dataclass
+class OfflineRun:
+    """What a run logged, read back from its ``.wandb`` file."""
+
+    path: Path
+    run_id: str = ""
+    project: str = ""
+    entity: str = ""
+    name: str = ""
+    group: str = ""
+    job_type: str = ""
+    tags: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    exit_code: int | None = None
+
+
+def find_offline_runs(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """The offline run folders under a sweep's folder (or its ``wandb`` folder), oldest first."""
+    root = Path(run_dir)
+    if root.name.startswith("offline-run-"):
+        return [root]
+    wandb_dir = root / "wandb" if (root / "wandb").is_dir() else root
+    return sorted(p for p in wandb_dir.glob("offline-run-*") if p.is_dir())
+
+
+# The .wandb file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of records, each
+# with a 7-byte header (crc32c, length, type); a protobuf Record may span several blocks.
+_BLOCK = 32 * 1024
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _log_records(data: bytes) -> Iterator[bytes]:
+    ident, magic, _version = struct.unpack("<4sHB", data[:7])
+    if ident != b":W&B" or magic != 0xBEE1:
+        raise ValueError("not a W&B transaction log")
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            pos += left - 7
+            continue
+        if pos + length > len(data):  # the writer is mid-record
+            return
+        chunk = data[pos : pos + length]
+        pos += length
+        if kind == _FULL:
+            yield chunk
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            yield pending + chunk
+            pending = b""
+
+
+def _item_key(item: Any) -> str:
+    return item.key or ".".join(item.nested_key)
+
+
+def _json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def read_offline_run(path: str | os.PathLike[str], wait_s: float = 10.0) -> OfflineRun:
+    """Config, history, summary and metadata of an offline run folder (or its .wandb file).
+
+    W&B's service writes the log a moment after ``finish()`` returns, so this waits up to
+    ``wait_s`` for the run's exit record; a run that crashed has none and is read as it is.
+    """
+    path = Path(path)
+    log_file = path if path.is_file() else next(iter(sorted(path.glob("run-*.wandb"))), None)
+    if log_file is None:
+        raise FileNotFoundError(f"{path}: no run-*.wandb file")
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = _parse_log(path, log_file.read_bytes())
+        if run.exit_code is not None or time.monotonic() >= deadline:
+            return run
+        time.sleep(0.02)
+
+
+def _parse_log(path: Path, data: bytes) -> OfflineRun:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    run = OfflineRun(path=path)
+    for raw in _log_records(data):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.run_id, run.project, run.entity = r.run_id, r.project, r.entity
+            run.name, run.group, run.job_type = r.display_name, r.run_group, r.job_type
+            run.tags = list(r.tags)
+            for item in r.config.update:
+                run.config[_item_key(item)] = _json(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[_item_key(item)] = _json(item.value_json)
+            for item in record.config.remove:
+                run.config.pop(_item_key(item), None)
+        elif kind == "history":
+            row = {_item_key(item): _json(item.value_json) for item in record.history.item}
+            run.history.append(row)
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[_item_key(item)] = _json(item.value_json)
+            for item in record.summary.remove:
+                run.summary.pop(_item_key(item), None)
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
+    run.config.pop("_wandb", None)
+    return run
+
+
+def sync_run(run_dir: str | os.PathLike[str]) -> int:
+    """``msam sync RUN_DIR``: upload the offline runs of a sweep with ``wandb sync``."""
+    runs = find_offline_runs(run_dir)
+    if not runs:
+        print(f"no offline W&B runs under {run_dir}", file=sys.stderr)
+        return 0
+    if not has_credentials():
+        raise UserError(
+            "W&B has no credentials here: run `wandb login` or set WANDB_API_KEY, then rerun "
+            "msam sync"
+        )
+    command = [sys.executable, "-m", "wandb", "sync", *map(str, runs)]
+    return subprocess.run(command, check=False).returncode
