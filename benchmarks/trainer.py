@@ -31,7 +31,7 @@ def _config(args, optimizer: str, epochs: int, subset: int) -> dict:
     return {
         "name": f"bench-{optimizer}",
         "data": {"dataset": args.dataset, "subset": subset, "val_fraction": 0.1},
-        "model": {"name": args.model},
+        "model": {"name": args.model, "small_input": args.small_input},
         "optim": {
             "name": optimizer,
             "lr": args.lr,
@@ -112,6 +112,12 @@ def main() -> None:
     parser.add_argument("--overhead-steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument(
+        "--small-input",
+        default="auto",
+        type=lambda v: v if v == "auto" else v.lower() == "true",
+        help="auto | true | false (false keeps timm's stride-4 stem: ~16x cheaper at 28 px)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     record = {

@@ -1,11 +1,14 @@
-"""``msam bench speed`` (updates/s of SGD, SAM and mSAM strategies) and ``msam bench claims``
-(the mSAM paper's claims, checked with a sweep spec)."""
+"""``msam bench speed`` (step time of SGD, SAM and mSAM strategies, from ``msam.bench``) and
+``msam bench claims`` (the mSAM paper's claims, checked on a sweep spec's base config)."""
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+from pathlib import Path
 
-from sweeps.commands._common import add_set_option, load_entry, not_built
+from sweeps.commands._common import add_set_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,42 +19,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     speed = kinds.add_parser(
         "speed",
-        help="time SGD, SAM and mSAM updates",
-        description="Updates/s and images/s of SGD, SAM and mSAM (each strategy) on one config.",
+        help="time SGD, SAM and mSAM updates (see `msam bench speed --help`)",
+        description="Times whole updates of SGD, SAM and mSAM for each m on synthetic data.",
     )
-    speed.add_argument("config", metavar="CONFIG", nargs="?", help="train config YAML to time")
-    add_set_option(speed)
-    speed.add_argument("--out", metavar="DIR", help="where to write the results")
     speed.set_defaults(func=run_speed)
 
     claims = kinds.add_parser(
         "claims",
         help="check the paper's claims",
-        description="Flatness, accuracy and cost of SGD vs SAM vs mSAM, run from a sweep spec.",
+        description="Test accuracy and flatness of SGD, SAM and mSAM over m, paired seeds.",
     )
-    claims.add_argument("spec", metavar="SPEC", help="sweep spec YAML")
+    claims.add_argument("spec", metavar="SPEC", help="sweep spec YAML (its base is trained)")
     add_set_option(claims)
-    claims.add_argument("--out", metavar="DIR", help="where to write the results")
+    claims.add_argument("--out", metavar="DIR", help="results folder (default: runs/claims-...)")
+    from sweeps.claims import add_arguments
+
+    add_arguments(claims)
     claims.set_defaults(func=run_claims)
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    cfg = None
-    if args.config:
-        from msam.config import load_train_config
+    """Only reached without options (``sweeps.cli`` hands ``bench speed ...`` to msam.bench)."""
+    from msam.bench import main
 
-        cfg = load_train_config(args.config, args.sets)
-    speed = load_entry("sweeps.bench", "run_speed")
-    if speed is None:
-        return not_built("bench speed", "the speed benchmark")
-    return int(speed(cfg, args) or 0)
+    return main(["speed"])
 
 
 def run_claims(args: argparse.Namespace) -> int:
+    from sweeps.claims import run_from_args
     from sweeps.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec, args.sets)
-    claims = load_entry("sweeps.bench", "run_claims")
-    if claims is None:
-        return not_built("bench claims", "the claims benchmark")
-    return int(claims(spec, args) or 0)
+    base = spec.base
+    out = Path(args.out or Path("runs") / f"claims-{base.data.dataset}-{base.model.name}")
+    return run_from_args(spec, args, out, "msam bench claims " + shlex.join(sys.argv[3:]))
