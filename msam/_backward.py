@@ -8,26 +8,52 @@ norm over all parameters together), take the gradient of micro-batch j's loss at
 averaged) gradient. ``adaptive=True`` is
 ASAM's scaling (Kwon et al., 2021): ``eps_j = rho * |w|^2 g_j / || |w| g_j ||``.
 
-The plain loop below is the reference strategy. Faster strategies register themselves in
-``STRATEGIES`` and must produce the same gradient, restore parameters bitwise and leave BatchNorm
-running statistics exactly as the loop does.
+The plain loop below is the reference strategy. The faster ones (``msam._strategies``) are listed
+in ``STRATEGIES``; each produces the same gradient, restores parameters bitwise and leaves
+BatchNorm running statistics exactly as the loop does, or says that it cannot for a given model.
+``strategy="auto"`` (:func:`choose_strategy`) picks among those that can.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
-#: Called with (detached outputs, targets) of each unperturbed micro-batch pass, in order.
-OutputsHook = Callable[[Tensor, Tensor], None]
+from msam._strategies import fused as _fused
+from msam._strategies import graphed as _graphed_mod
+from msam._strategies._common import (
+    NORM_EPS,
+    LossFn,
+    NotApplicable,
+    OutputsHook,
+    clone_all,
+    flag_nonfinite,
+    frozen_buffers,
+    inverse_scale,
+    no_sync,
+    perturbation,
+    scale_loss,
+    trainable_parameters,
+    weights_changed,
+)
 
-#: Added to the gradient norm so a zero gradient gives a zero (not NaN) perturbation.
-NORM_EPS = 1e-12
+__all__ = [
+    "AUTO_ORDER",
+    "NORM_EPS",
+    "STRATEGIES",
+    "LossFn",
+    "OutputsHook",
+    "Strategy",
+    "backward",
+    "choose_strategy",
+    "perturbation",
+    "trainable_parameters",
+]
 
 
 def _check_args(inputs: Tensor, rho: float, micro_batches: int) -> None:
@@ -41,68 +67,6 @@ def _check_args(inputs: Tensor, rho: float, micro_batches: int) -> None:
             f"batch size {batch} is not divisible by micro_batches={micro_batches}: "
             "mSAM needs equal micro-batches"
         )
-
-
-def trainable_parameters(model: nn.Module) -> list[Tensor]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def perturbation(
-    params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, adaptive: bool
-) -> tuple[list[Tensor], Tensor]:
-    """The ascent step ``eps`` for ``grads`` and the norm it was scaled by.
-
-    The norm is taken over all parameters together, in float32 or wider, so that bf16/fp16
-    gradients do not overflow when squared.
-    """
-    if adaptive:
-        scaled = torch._foreach_mul(grads, [p.detach().abs() for p in params])
-    else:
-        scaled = list(grads)
-    norms = torch._foreach_norm(scaled)
-    wide = torch.promote_types(norms[0].dtype, torch.float32)
-    norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
-    # A non-finite norm (fp16 overflow) gives no perturbation; the caller flags the step instead.
-    # torch.where keeps this free of host synchronisation.
-    scale = torch.where(torch.isfinite(norm), rho / (norm + NORM_EPS), torch.zeros_like(norm))
-    if adaptive:
-        eps = torch._foreach_mul(scaled, [p.detach().abs() for p in params])
-    else:
-        eps = list(grads)
-    eps = torch._foreach_mul(eps, scale.to(eps[0].dtype) if eps else scale)
-    return eps, norm
-
-
-@contextmanager
-def _frozen_buffers(model: nn.Module) -> Iterator[None]:
-    """Run a forward pass that must not change any buffer (BatchNorm running statistics).
-
-    The perturbed pass runs in train mode (batch statistics, as SAM prescribes) but its running
-    statistics update and ``num_batches_tracked`` increment are undone by copying the buffers back,
-    which is exact, unlike setting momentum to 0 (0 * NaN would still poison the statistics).
-    """
-    buffers = [b for b in model.buffers() if b is not None]
-    if not buffers:
-        yield
-        return
-    saved = [b.detach().clone() for b in buffers]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, s in zip(buffers, saved, strict=True):
-                b.copy_(s)
-
-
-def _no_sync(model: nn.Module, skip: bool):
-    """DDP's ``no_sync`` for every backward but the last: the final gradient is all-reduced once."""
-    if skip and hasattr(model, "no_sync"):
-        return model.no_sync()
-    return nullcontext()
-
-
-def _scale(loss: Tensor, scaler: Any | None) -> Tensor:
-    return scaler.scale(loss) if scaler is not None else loss
 
 
 def _loop(
@@ -129,24 +93,24 @@ def _loop(
     if rho == 0:
         # Plain gradient accumulation: the mean of the m micro-batch gradients.
         for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
-            with _no_sync(model, j < last):
+            with no_sync(model, j < last):
                 out = model(x)
                 loss = loss_fn(out, y)
-                _scale(loss / micro_batches, scaler).backward()
+                scale_loss(loss / micro_batches, scaler).backward()
             losses.append(loss.detach())
             if on_outputs is not None:
                 on_outputs(out.detach(), y)
         return torch.stack(losses).float().mean()
 
-    originals = [p.detach().clone() for p in params]
+    originals = clone_all(params)
     nonfinite = torch.zeros((), dtype=torch.bool, device=inputs.device)
-    inv_scale = 1.0 / float(scaler.get_scale()) if scaler is not None else 1.0
+    inv_scale = inverse_scale(scaler)
     for j, (x, y) in enumerate(zip(xs, ys, strict=True)):
         # 1) Unperturbed pass: updates BatchNorm statistics, gives g_j. It never all-reduces.
-        with _no_sync(model, True):
+        with no_sync(model, True):
             out = model(x)
             loss = loss_fn(out, y)
-            grads = torch.autograd.grad(_scale(loss, scaler), params, allow_unused=True)
+            grads = torch.autograd.grad(scale_loss(loss, scaler), params, allow_unused=True)
         losses.append(loss.detach())
         if on_outputs is not None:
             on_outputs(out.detach(), y)
@@ -161,27 +125,91 @@ def _loop(
         nonfinite = nonfinite | ~torch.isfinite(norm)
         with torch.no_grad():
             torch._foreach_add_(params, eps)
+        weights_changed()
         del eps
         # 2) Perturbed pass at w + eps_j: accumulates (1/m) * grad into p.grad; BN frozen.
-        with _no_sync(model, j < last), _frozen_buffers(model):
+        with no_sync(model, j < last), frozen_buffers(model):
             loss_p = loss_fn(model(x), y)
-            _scale(loss_p / micro_batches, scaler).backward()
+            scale_loss(loss_p / micro_batches, scaler).backward()
         with torch.no_grad():
             torch._foreach_copy_(params, originals)
-    if params and params[0].grad is not None:
-        # A non-finite first-pass gradient makes the result non-finite, so that a GradScaler
-        # skips the step (and lowers its scale) instead of stepping with a half-SAM gradient.
-        g = params[0].grad
-        g.add_(torch.where(nonfinite, torch.full_like(g, float("nan")), torch.zeros_like(g)))
+        weights_changed()
+    flag_nonfinite(params, nonfinite)
     return torch.stack(losses).float().mean()
 
 
-#: name -> implementation with the signature of ``_loop``. ``auto`` picks among exact ones.
-STRATEGIES: dict[str, Callable[..., Tensor]] = {"loop": _loop}
+def _always(model: nn.Module, inputs: Tensor, micro_batches: int) -> str | None:
+    return None
 
 
-def choose_strategy(model: nn.Module, inputs: Tensor, micro_batches: int) -> str:
-    """The strategy ``auto`` uses: the fastest one that is exact for this model and input."""
+@dataclass(frozen=True)
+class Strategy:
+    """One way to compute the mSAM gradient. ``check`` returns why it cannot be exact for a
+    model (None when it can); ``run`` has the signature of ``_loop``."""
+
+    name: str
+    run: Callable[..., Tensor]
+    check: Callable[[nn.Module, Tensor, int], str | None]
+    summary: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        return self.run(*args, **kwargs)
+
+
+def _graphed(inner: Strategy) -> Strategy:
+    """``inner`` captured once per model and batch shape in a CUDA graph and replayed."""
+    check = _graphed_mod.make_check(inner.check)
+    return Strategy(
+        f"graphed_{inner.name}",
+        _graphed_mod.make_run(inner.run, check),
+        check,
+        f"{inner.name}, replayed as one CUDA graph (CUDA only)",
+    )
+
+
+_EAGER = (
+    Strategy("loop", _loop, _always, "2m passes of B/m samples, in order (the reference)"),
+    Strategy(
+        "fused",
+        _fused.fused,
+        _fused.check_fused,
+        "1 unperturbed pass of B samples giving all m gradients, m perturbed passes of B/m",
+    ),
+    Strategy(
+        "batched",
+        _fused.batched,
+        _fused.check_batched,
+        "1 unperturbed and 1 perturbed pass of B samples (parameters stacked m times)",
+    ),
+)
+#: name -> strategy. ``auto`` picks among those whose ``check`` passes (see ``choose_strategy``).
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (*_EAGER, *map(_graphed, _EAGER))}
+
+#: What ``auto`` prefers per device type among the strategies exact for the model, fastest first.
+#: CPU: the loop. Measured (benchmarks/results/cpu-speed-2026-11-28.md): B/m-sample passes are
+#: as fast per sample as B-sample ones on a CPU, so fusing saves nothing and its per-micro-batch
+#: weight gradients and stacked gradients cost a few percent. CUDA: a prediction until
+#: benchmarks/gpu has run: whole-batch kernels instead of 2m launch-bound small passes.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("loop",),
+    "cuda": ("batched", "fused", "loop"),
+}
+
+
+def choose_strategy(
+    model: nn.Module, inputs: Tensor, micro_batches: int, *, rho: float | None = None
+) -> str:
+    """The strategy ``auto`` uses: the fastest one that is exact for this model and input.
+
+    One micro-batch is SAM and ``rho == 0`` plain gradient accumulation: the loop is exactly
+    those and nothing is saved by fusing. Otherwise the first strategy of ``AUTO_ORDER`` for the
+    input's device whose ``check`` passes.
+    """
+    if micro_batches == 1 or rho == 0:
+        return "loop"
+    for name in AUTO_ORDER.get(inputs.device.type, ("loop",)):
+        if STRATEGIES[name].check(model, inputs, micro_batches) is None:
+            return name
     return "loop"
 
 
@@ -208,24 +236,46 @@ def backward(
     gradient is all-reduced once. Call it inside ``torch.autocast`` for mixed precision.
     ``on_outputs(outputs, targets)`` sees each unperturbed pass's detached outputs (for training
     accuracy without another forward pass).
+
+    ``strategy`` is a name in ``STRATEGIES`` (ValueError if it is not exact for this model) or
+    ``"auto"``: :func:`choose_strategy`'s pick, and the loop wherever a fused strategy turns out
+    at run time not to cover the model (remembered per model).
     """
     _check_args(inputs, rho, micro_batches)
-    if strategy == "auto":
-        strategy = choose_strategy(model, inputs, micro_batches)
+    auto = strategy == "auto"
+    name = choose_strategy(model, inputs, micro_batches, rho=rho) if auto else strategy
     try:
-        impl = STRATEGIES[strategy]
+        chosen = STRATEGIES[name]
     except KeyError:
         raise ValueError(
-            f"unknown strategy {strategy!r}; known: auto, {', '.join(sorted(STRATEGIES))}"
+            f"unknown strategy {name!r}; known: auto, {', '.join(sorted(STRATEGIES))}"
         ) from None
-    return impl(
-        model,
-        loss_fn,
-        inputs,
-        targets,
+    kwargs = dict(
         rho=rho,
         micro_batches=micro_batches,
         adaptive=adaptive,
         scaler=scaler,
         on_outputs=on_outputs,
     )
+    try:
+        return chosen.run(model, loss_fn, inputs, targets, **kwargs)
+    except NotApplicable as exc:
+        # Raised before any gradient or buffer is left changed: the loop starts from scratch.
+        if exc.remember:
+            _fused.REFUSED[model] = str(exc)
+        if not auto:
+            raise ValueError(f"strategy {name!r} is not exact for this model: {exc}") from None
+        return _loop(model, loss_fn, inputs, targets, **kwargs)
+    except Exception as exc:
+        if not auto or name == "loop":
+            raise
+        # A model the rewriting did not foresee (or out of memory for the stacked gradients):
+        # the fused strategies restore the model before re-raising, so the loop is still exact.
+        _fused.REFUSED[model] = f"{type(exc).__name__}: {exc}"
+        warnings.warn(
+            f"msam.backward: strategy {name!r} failed ({type(exc).__name__}: {exc}); "
+            "using the loop for this model from now on",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return _loop(model, loss_fn, inputs, targets, **kwargs)

@@ -166,8 +166,12 @@ def test_autocast_bf16_matches_two_step_sam_under_autocast():
     opt = msam.SAM(twin.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         msam.backward(model, cross_entropy, x, y, rho=0.05, micro_batches=1)
+    # Each pass in its own autocast region: autocast caches the bf16 copies of the weights for
+    # the length of a region, so a perturbed pass inside the same region would see stale weights.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         cross_entropy(twin(x), y).backward()
-        opt.first_step(zero_grad=True)
+    opt.first_step(zero_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         cross_entropy(twin(x), y).backward()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-4)

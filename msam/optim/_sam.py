@@ -76,6 +76,9 @@ class SAM(torch.optim.Optimizer):
                 eps = torch._foreach_mul(s, [p.abs() for p in ps]) if group["adaptive"] else s
                 scale = (group["rho"] / (norm + NORM_EPS)).to(ps[0].dtype)
                 torch._foreach_add_(ps, torch._foreach_mul(eps, scale))
+        # Autocast caches low-precision weight copies per region: drop them, or a perturbed pass
+        # in the same region would run at the unperturbed weights.
+        torch.clear_autocast_cache()
         if zero_grad:
             self.zero_grad()
 
@@ -87,6 +90,7 @@ class SAM(torch.optim.Optimizer):
                 old = self.state[p].pop("old_p", None)
                 if old is not None:
                     p.copy_(old)
+        torch.clear_autocast_cache()
         self.base_optimizer.step()
         # The update is done: tell torch's LR schedulers (which watch ``step``) that it happened.
         self._opt_called = True
