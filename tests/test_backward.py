@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_batch, make_model
+from tinymodels import make_batch, make_model
 from torch.func import functional_call
 from torch.nn.functional import cross_entropy
 

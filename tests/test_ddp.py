@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_batch, make_model
+from tinymodels import make_batch, make_model
 from torch.nn.functional import cross_entropy
 
 import msam
