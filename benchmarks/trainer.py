@@ -80,7 +80,11 @@ def overhead(args) -> dict:
         torch.manual_seed(0)
         info = data.info
         model = create_model(
-            args.model, num_classes=info.num_classes, in_chans=info.in_chans, img_size=info.img_size
+            args.model,
+            num_classes=info.num_classes,
+            in_chans=info.in_chans,
+            img_size=info.img_size,
+            small_input=args.small_input,
         )
         opt = build_optimizer(model, cfg)
         loss_fn = torch.nn.CrossEntropyLoss()
