@@ -38,6 +38,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         opt.step()
         torch.save({"params": [p.detach() for p in model.parameters()]}, f"{out}/rank{rank}.pt")
     finally:
+        # Both ranks leave together: tearing gloo down while the peer still talks aborts.
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -76,6 +78,8 @@ def _worker_counts(rank: int, port: int, out: str) -> None:
         )
         torch.save(len(hooks), f"{out}/count{rank}.pt")
     finally:
+        # Both ranks leave together: tearing gloo down while the peer still talks aborts.
+        dist.barrier()
         dist.destroy_process_group()
 
 
