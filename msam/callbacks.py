@@ -15,6 +15,10 @@ class Callback:
     def on_train_start(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         """Before the first epoch (or the first resumed one). ``info``: device, parameters, ..."""
 
+    def on_resume(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Right after ``on_train_start`` when the run continues from a checkpoint: the metrics
+        of the epochs done before, so trackers and pruners see the whole run."""
+
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, Any]) -> bool | str | None:
         """After each epoch. Return True (or a reason string) to stop training early."""
         return None
@@ -32,6 +36,10 @@ class CallbackList(Callback):
     def on_train_start(self, config: Mapping[str, Any], info: Mapping[str, Any]) -> None:
         for cb in self.callbacks:
             cb.on_train_start(config, info)
+
+    def on_resume(self, history: Sequence[Mapping[str, Any]]) -> None:
+        for cb in self.callbacks:
+            cb.on_resume(history)
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, Any]) -> bool | str | None:
         stop: bool | str | None = None

@@ -165,6 +165,33 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _identity(cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: everything but the name and tracking."""
+    resolved = cfg.to_dict()
+    return {k: v for k, v in resolved.items() if k not in ("name", "tracking")}
+
+
+def checkpoint_mismatch(state: dict[str, Any], cfg: TrainConfig) -> str | None:
+    """The first setting on which a checkpoint and ``cfg`` differ (``a.b: old -> new``), or None.
+
+    Checkpoints written before configs were recorded in them carry no config and always match.
+    """
+    if "config" not in state:
+        return None
+    stored, wanted = json.loads(state["config"]), json.loads(json.dumps(_identity(cfg)))
+
+    def first(old: Any, new: Any, path: str) -> str | None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new)):
+                found = first(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+                if found:
+                    return found
+            return None
+        return None if old == new else f"{path}: {old!r} -> {new!r}"
+
+    return first(stored, wanted, "")
+
+
 def check_out_dir(out_dir: Path | None, resume: bool) -> None:
     """Refuse to overwrite a started run unless resuming it (exit 2, nothing touched)."""
     if out_dir is None or resume:
@@ -266,6 +293,13 @@ class _Console:
             self.progress.stop()
 
 
+def with_epochs(cfg: TrainConfig, epochs: int | None) -> TrainConfig:
+    """``cfg`` training for ``epochs`` instead (None: as it is)."""
+    if epochs is None or epochs == cfg.train.epochs:
+        return cfg
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+
+
 def run_train(
     cfg: TrainConfig,
     *,
@@ -286,8 +320,7 @@ def run_train(
     from msam.data import build_data
     from msam.models import create_model
 
-    if epochs is not None:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    cfg = with_epochs(cfg, epochs)
     out = Path(out_dir) if out_dir is not None else None
     check_out_dir(out, resume)
     device = resolve_device(cfg.train.device)
@@ -362,6 +395,12 @@ def run_train(
         out.mkdir(parents=True, exist_ok=True)
     if resume and ckpt_path is not None:
         state = load_checkpoint(ckpt_path)
+        mismatch = checkpoint_mismatch(state, cfg) if state is not None else None
+        if mismatch is not None:
+            raise UserError(
+                f"{ckpt_path} was written for another config ({mismatch}); resume with the "
+                "config it was trained with, or choose another --out"
+            )
         if state is not None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -388,6 +427,8 @@ def run_train(
     }
     cbs = CallbackList(callbacks if is_main else ())
     cbs.on_train_start(cfg.to_dict(), run_info)
+    if history:
+        cbs.on_resume(history)
     console = _Console(verbose and is_main, cfg.train.epochs - start_epoch, updates_per_epoch)
 
     status, reason = "complete", None
@@ -472,6 +513,7 @@ def run_train(
                             "history": [json.dumps(h) for h in history],
                             "epoch": epoch + 1,
                             "elapsed": elapsed,
+                            "config": json.dumps(_identity(cfg)),
                         },
                     )
             if status == "diverged":

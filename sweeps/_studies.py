@@ -27,6 +27,7 @@ __all__ = [
     "count_trials",
     "ensure_studies",
     "fail_trial",
+    "is_error",
     "load_study",
     "owner_alive",
     "owner_token",
@@ -80,6 +81,18 @@ class StudyCounts:
         return self.budget - self.finished - self.running
 
 
+#: The reason of a trial that ran out of memory (CUDA's OutOfMemoryError, or the host's).
+OUT_OF_MEMORY = "out of memory"
+
+
+def is_error(reason: str) -> bool:
+    """The trial itself failed (it raised, or ran out of memory), as opposed to its worker.
+
+    Errors count towards giving a study up; lost workers and interruptions do not.
+    """
+    return reason.startswith("error") or reason == OUT_OF_MEMORY
+
+
 def count_trials(trials: list[Any], optimizer: str, budget: int) -> StudyCounts:
     from optuna.trial import TrialState
 
@@ -97,7 +110,7 @@ def count_trials(trials: list[Any], optimizer: str, budget: int) -> StudyCounts:
                 counts.surplus += 1
                 continue
             counts.failed += 1
-            if reason.startswith("error"):
+            if is_error(reason):
                 counts.errors += 1
         elif t.state == TrialState.RUNNING:
             counts.running += 1
@@ -214,7 +227,9 @@ def fail_trial(study: Any, trial: Any, reason: str, status: str = "failed") -> b
 def requeue(study: Any, trial: Any, *, lost: bool) -> bool:
     """Enqueue the failed trial's parameters again, unless it used up its retries.
 
-    The new trial records ``retry_of`` (the original trial's number) in its user attrs.
+    The new trial records ``retry_of`` (the original trial's number) in its user attrs. A trial
+    whose worker was lost or interrupted also records ``resume_from`` (its folder, relative to
+    the run folder): the retry continues from that folder's last epoch checkpoint if there is one.
     """
     attrs = trial.user_attrs
     key = "lost_retries" if lost else "error_retries"
@@ -231,6 +246,8 @@ def requeue(study: Any, trial: Any, *, lost: bool) -> bool:
         "lost_retries": int(attrs.get("lost_retries", 0)),
     }
     user_attrs[key] += 1
+    if lost and attrs.get("trial_dir"):
+        user_attrs["resume_from"] = attrs["trial_dir"]
     study.enqueue_trial(params, user_attrs=user_attrs)
     return True
 

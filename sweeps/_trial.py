@@ -9,7 +9,13 @@ and how Optuna records them:
 - diverged (non-finite loss): PRUNED, reason "diverged at epoch k ..." (a bad lr is information,
   not a crash);
 - raised: FAIL, reason "error: ...", retried once with the same parameters;
+- out of memory (CUDA's or the host's): FAIL, reason "out of memory"; its memory is released
+  before the worker takes the next trial, and it is retried once like an error;
 - interrupted (Ctrl-C, SIGTERM): FAIL, reason "interrupted", retried when the sweep resumes.
+
+A retry of an interrupted trial or of one whose worker died continues from that trial's last
+epoch checkpoint (same parameters, same config), instead of starting over; a finished trial's
+checkpoint is deleted, so a long sweep does not fill the disk with them.
 
 Every trial records in its user attrs the worker running it, its folder, its W&B run id, its
 status and reason, and where its time went (``seconds``: train vs the sweep's own overhead).
@@ -17,9 +23,13 @@ status and reason, and where its time went (``seconds``: train vs the sweep's ow
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
+import os
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +37,14 @@ from typing import Any
 from msam.callbacks import Callback
 from sweeps._search import suggest_params, trial_epochs
 from sweeps._signals import Interrupted, InterruptGuard
-from sweeps._studies import fail_trial, requeue, study_name
+from sweeps._studies import OUT_OF_MEMORY, fail_trial, requeue, study_name
 from sweeps.spec import SweepSpec
 from sweeps.storage import heartbeat
 from sweeps.tracking import WandbCallback
 
-__all__ = ["PruningCallback", "TrialRunner", "trial_dir"]
+__all__ = ["PruningCallback", "TrialRunner", "is_out_of_memory", "release_memory", "trial_dir"]
+
+CHECKPOINT = "checkpoint.pt"
 
 
 def trial_dir(out: Path, optimizer: str, number: int) -> Path:
@@ -52,6 +64,12 @@ class PruningCallback(Callback):
         self.seconds = 0.0  # time in storage calls: sweep overhead, not training
         self.pruned_at: int | None = None
 
+    def on_resume(self, history: Any) -> None:
+        """A trial continued from a checkpoint reports the epochs done before (no pruning)."""
+        for metrics in history:
+            if metrics.get("val_acc") is not None:
+                self.trial.report(float(metrics["val_acc"]), int(metrics["epoch"]))
+
     def on_epoch_end(self, epoch: int, metrics: Any) -> str | None:
         value = metrics.get("val_acc")
         if value is None:
@@ -66,6 +84,28 @@ class PruningCallback(Callback):
             self.pruned_at = epoch
             return f"pruned at epoch {epoch} (val_acc {value:.4f})"
         return None
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator saying it ran out."""
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def release_memory() -> None:
+    """Free what a failed trial held: its frames (cycles through the traceback) and, on a GPU,
+    the blocks PyTorch's caching allocator keeps for reuse."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -96,25 +136,28 @@ class TrialRunner:
         tracker: WandbCallback | None = None
         epochs = trial_epochs(spec, optimizer)
         pruning = PruningCallback(trial, epochs)
+        failure: str | None = None
         try:
             params = suggest_params(trial, spec, optimizer)
-            cfg = spec.train_config(optimizer, params)
+            from msam.trainer import run_train, with_epochs
+
+            cfg = with_epochs(spec.train_config(optimizer, params), epochs)
             _move_aside(folder)
             trial.set_user_attr("trial_dir", str(folder.relative_to(self.out)))
-            tracker = self._tracker(study, trial, optimizer, params, cfg)
+            resumed = self._take_checkpoint(trial, cfg, folder)
+            tracker = self._tracker(study, trial, optimizer, params, cfg, resumed)
             if tracker.run_id is not None:
                 trial.set_user_attr("wandb_run_id", tracker.run_id)
-            from msam.trainer import run_train
 
             t_train = time.perf_counter()
             with heartbeat(self.storage, trial._trial_id), self.guard.raising():
                 result = run_train(
                     cfg,
                     out_dir=folder,
+                    resume=resumed is not None,
                     callbacks=[pruning, tracker],
                     evaluate_test=False,
                     verbose=self.verbose,
-                    epochs=epochs,
                 )
             train_s = time.perf_counter() - t_train - pruning.seconds - tracker.seconds
             status, reason, state, value = _outcome(result)
@@ -125,13 +168,19 @@ class TrialRunner:
                 requeue(study, _frozen(study, trial), lost=True)
             raise
         except Exception as exc:
-            reason = f"error: {_one_line(exc)}"
+            failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {_one_line(exc)}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "error.txt").write_text(traceback.format_exc())
             if tracker is not None:
-                tracker.finish(status="failed", reason=reason)
-            if fail_trial(study, trial, reason):
+                tracker.finish(status="failed", reason=failure)
+            if failure == OUT_OF_MEMORY:
+                with contextlib.suppress(Exception):  # the reason says it even if this fails
+                    trial.set_user_attr("error", _one_line(exc))
+            if fail_trial(study, trial, failure):
                 requeue(study, _frozen(study, trial), lost=False)
+        if failure is not None:  # out of the except block: the traceback's frames are unreachable
+            release_memory()
+            (folder / CHECKPOINT).unlink(missing_ok=True)
             return "failed"
 
         tracker.finish(
@@ -167,10 +216,48 @@ class TrialRunner:
         seconds["overhead"] = round(seconds["overhead"] + seconds["tell"], 4)
         self.timings.append(seconds)
         (folder / "timing.json").write_text(json.dumps(seconds, indent=2) + "\n")
+        (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing will resume it
         return status
 
+    def _take_checkpoint(self, trial: Any, cfg: Any, folder: Path) -> dict[str, Any] | None:
+        """Move the last checkpoint of the trial this one redoes into ``folder``.
+
+        Returns ``{"trial_dir": ..., "epoch": k}`` when the trial will continue after epoch k,
+        None when it starts over: nothing to redo, no checkpoint (it died in its first epoch, or
+        on another machine), an unreadable one (a warning says so) or one of another config.
+        """
+        from msam.trainer import checkpoint_mismatch, load_checkpoint
+
+        source = trial.user_attrs.get("resume_from")
+        if not source:
+            return None
+        path = self.out / source / CHECKPOINT
+        state = load_checkpoint(path)
+        if state is None:
+            return None
+        mismatch = checkpoint_mismatch(state, cfg)
+        if mismatch is not None:
+            warnings.warn(
+                f"{path} was written for another config ({mismatch}); trial {trial.number} "
+                "starts over",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return None
+        folder.mkdir(parents=True, exist_ok=True)
+        os.replace(path, folder / CHECKPOINT)
+        resumed = {"trial_dir": str(source), "epoch": int(state["epoch"])}
+        trial.set_user_attr("resumed", resumed)
+        return resumed
+
     def _tracker(
-        self, study: Any, trial: Any, optimizer: str, params: dict[str, Any], cfg: Any
+        self,
+        study: Any,
+        trial: Any,
+        optimizer: str,
+        params: dict[str, Any],
+        cfg: Any,
+        resumed: dict[str, Any] | None = None,
     ) -> WandbCallback:
         spec = self.spec
         name = study_name(spec.name, optimizer)
@@ -186,6 +273,8 @@ class TrialRunner:
                     "id": trial._trial_id,
                     "params": params,
                     "worker": self.worker_index,
+                    "retry_of": trial.user_attrs.get("retry_of"),
+                    "resumed": resumed,
                 },
                 "sweep": spec.name,
             },

@@ -33,9 +33,27 @@ from sweeps.live import LiveView, best_table, snapshot
 from sweeps.spec import SweepSpec
 from sweeps.storage import StorageRef, open_storage, resolve_storage
 
-__all__ = ["STAGES", "Stage", "run_sweep", "run_worker", "tune", "write_spec"]
+__all__ = [
+    "STAGES",
+    "Stage",
+    "check_same_sweep",
+    "run_sweep",
+    "run_worker",
+    "tune",
+    "write_spec",
+]
 
 SPEC_FILE = "spec.yaml"
+#: Settings a rerun may change without starting another sweep: a larger or smaller budget, the
+#: final stage, tracking, and where data and device live on this machine. Anything else (the
+#: model, the data, the search space, the sampler...) would mix two sweeps in one run folder.
+RERUN_MAY_CHANGE = (
+    "budget.trials",
+    "final",
+    "base.tracking",
+    "base.data.root",
+    "base.train.device",
+)
 #: At launch, a RUNNING trial whose worker never named itself is lost after this many seconds.
 LAUNCH_OWNERLESS_GRACE_S = 30
 
@@ -119,9 +137,48 @@ def _open(args: argparse.Namespace, spec: SweepSpec) -> tuple[StorageRef, Any]:
     return ref, open_storage(ref, heartbeat_stale_trial_callback=make_stale_callback())
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def check_same_sweep(spec: SweepSpec, out: Path) -> None:
+    """Refuse (exit 2, nothing touched) to run into a folder that holds another sweep.
+
+    Rerunning the same command resumes; a spec that differs beyond :data:`RERUN_MAY_CHANGE`
+    is another sweep, and its trials must not join the studies of the one already there.
+    """
+    from sweeps.spec import load_sweep_spec
+
+    path = Path(out) / SPEC_FILE
+    if not path.is_file():
+        return
+    try:
+        before = _flat(load_sweep_spec(path).to_dict())
+    except UserError as exc:
+        raise UserError(
+            f"{path} cannot be read ({exc}); move it away only if {out} holds no sweep of yours"
+        ) from None
+    now = _flat(spec.to_dict())
+    for key in sorted(set(before) | set(now)):
+        if any(key == k or key.startswith(k + ".") for k in RERUN_MAY_CHANGE):
+            continue
+        if before.get(key) != now.get(key):
+            raise UserError(
+                f"{out} holds sweep '{before.get('name')}' launched with {key} = "
+                f"{before.get(key)!r}, not {now.get(key)!r}; rerun with the same spec to resume "
+                "it, or choose another --out"
+            )
+
+
 def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
     """``msam sweep``: open (and check) the storage, then run the requested stages in order."""
     args.out = Path(args.out)
+    check_same_sweep(spec, args.out)
     ref, storage = _open(args, spec)
     args.storage_ref = ref
     stage = getattr(args, "stage", "all") or "all"
@@ -248,6 +305,7 @@ def _default_worker_index() -> int:
 def run_worker(spec: SweepSpec, args: argparse.Namespace) -> int:
     """``msam worker``: run trials of a sweep's studies until every study has its budget."""
     args.out = Path(args.out)
+    check_same_sweep(spec, args.out)
     _, storage = _open(args, spec)
     _set_threads()
     index = getattr(args, "worker_index", None)

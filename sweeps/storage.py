@@ -6,14 +6,21 @@ several processes on one machine, not over NFS). ``--storage postgresql://...`` 
 and retried; ``--storage redis://...`` a journal on a Redis server. Every URL is checked before any
 work starts: an unreachable one is a one-line :class:`~msam.errors.UserError`. Passwords never
 reach a message (:func:`mask_url`).
+
+A journal whose last line was cut short (a writer killed mid-write, a full disk) reads fine in
+Optuna, but the next append would glue a new record onto the torn one and make the whole journal
+unreadable; :func:`repair_journal` moves a torn tail aside before anyone writes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
+import os
 import re
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +36,7 @@ __all__ = [
     "heartbeat",
     "mask_url",
     "open_storage",
+    "repair_journal",
     "resolve_storage",
 ]
 
@@ -109,6 +117,7 @@ def open_storage(ref: StorageRef, *, heartbeat_stale_trial_callback: Any = None)
         path = Path(ref.arg)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            repair_journal(path)
             backend = JournalFileBackend(str(path))
         except OSError as exc:
             raise UserError(f"--storage {path}: cannot open the journal file ({exc})") from None
@@ -116,6 +125,69 @@ def open_storage(ref: StorageRef, *, heartbeat_stale_trial_callback: Any = None)
     if ref.kind == "redis":
         return _open_redis(ref)
     return _open_rdb(ref, heartbeat_stale_trial_callback)
+
+
+#: Bytes read from a journal's end to look for a torn last record (records are far smaller).
+_TAIL_BYTES = 1 << 20
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def repair_journal(path: Path) -> int:
+    """Cut a torn tail off a journal file; returns the bytes moved aside (0 when it was whole).
+
+    Runs under the journal's own lock, so no live writer is mid-append. A tail is torn when it
+    does not end in a newline or its last line is not a JSON record. The bytes removed are kept
+    next to the journal (``optuna.journal.torn-<time>``); every complete record stays.
+    """
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        size = path.stat().st_size
+        start = max(0, size - _TAIL_BYTES)
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            tail = fh.read()
+        keep = len(tail)
+        while keep > 0:
+            body = tail[:keep]
+            if not body.endswith(b"\n"):
+                cut = body.rfind(b"\n") + 1  # drop the unterminated piece
+            else:
+                last = body.rfind(b"\n", 0, len(body) - 1) + 1
+                if last == 0 and start > 0:
+                    break  # the line starts before the tail read: too long to be torn
+                if _is_record(body[last:]):
+                    break
+                cut = last  # a terminated line that is not a record: torn as well
+            keep = cut
+        torn = len(tail) - keep
+        if torn == 0:
+            return 0
+        aside = path.with_name(f"{path.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        aside.write_bytes(tail[keep:])
+        with open(path, "r+b") as fh:
+            fh.truncate(start + keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+    finally:
+        lock.release()
+    warnings.warn(
+        f"{path}: its last {torn} bytes were a torn record (a writer stopped mid-write); moved "
+        f"them to {aside.name}, every complete record is kept",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return torn
 
 
 def _open_redis(ref: StorageRef) -> Any:

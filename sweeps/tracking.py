@@ -171,6 +171,11 @@ class WandbCallback(Callback):
         self.log(row)
         return None
 
+    def on_resume(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """A run continued from a checkpoint logs the epochs done before: its history is whole."""
+        for metrics in history:
+            self.on_epoch_end(int(metrics.get("epoch", 0)), metrics)
+
     def on_train_end(self, summary: Mapping[str, Any]) -> None:
         self._summary.update(summary)
         if self.finish_on_end:

@@ -1,37 +1,30 @@
 """Stopping a sweep: Ctrl-C or SIGTERM fail the running trials as ``interrupted`` (exit 130 or
-143), finish their W&B runs, and a rerun of the same command redoes them."""
+143), finish their W&B runs, and a rerun of the same command redoes them, continuing from their
+last epoch checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 from optuna.trial import TrialState
+from sweep_fixtures import check_exact, finished_states, rerun
 
-from sweeps.cli import main
 from sweeps.tracking import find_offline_runs, read_offline_run
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+def offline_runs(out) -> dict:
+    return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
 
 
-def rerun(spec, out) -> int:
-    return main(["sweep", str(spec), "--out", str(out), "--stage", "tune"])
-
-
-def check_exact(trials: dict, budget: int) -> None:
-    for opt, ts in trials.items():
-        states = [t.state for t in ts]
-        assert sum(s in FINISHED for s in states) == budget, opt
-        assert TrialState.RUNNING not in states and TrialState.WAITING not in states, opt
-
-
-def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_redoes_it(
+def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_continues_it(
     tmp_path, write_spec, start_sweep, running_trials, read_trials
 ):
     spec = write_spec(optimizers=["sam"], budget={"trials": 2}, base={"train": {"epochs": 3}})
     out = tmp_path / "run"
     sweep = start_sweep(spec, "--out", out, "--stage", "tune")  # one worker, in the launcher
-    (running,) = running_trials(out / "optuna.journal", "tiny", ["sam"], out)
+    (running,) = running_trials(out / "optuna.journal", "tiny", ["sam"], out, checkpoint=True)
     os.kill(sweep.pid, signal.SIGINT)
     output, _ = sweep.communicate(timeout=60)
     assert sweep.returncode == 130, output
@@ -41,21 +34,27 @@ def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_redoes_it(
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["reason"] == "interrupted"
     waiting = [t for t in trials if t.state == TrialState.WAITING]
     assert [t.user_attrs["retry_of"] for t in waiting] == [running.number]
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
-    interrupted = runs[stopped.user_attrs["wandb_run_id"]]
-    assert (
-        interrupted.summary["status"] == "failed" and interrupted.summary["reason"] == "interrupted"
-    )
+    interrupted = offline_runs(out)[stopped.user_attrs["wandb_run_id"]]
+    assert interrupted.summary["status"] == "failed"
+    assert interrupted.summary["reason"] == "interrupted"
     assert interrupted.exit_code == 1  # the W&B run was finished, not left open
+    stopped_dir = out / stopped.user_attrs["trial_dir"]
+    done_epochs = (stopped_dir / "metrics.jsonl").read_text().splitlines()
+    assert (stopped_dir / "checkpoint.pt").exists()
 
     assert rerun(spec, out) == 0
     trials = read_trials(out / "optuna.journal", "tiny", ["sam"])
     check_exact(trials, 2)
     (redo,) = [t for t in trials["sam"] if t.user_attrs.get("retry_of") == running.number]
-    assert redo.state in FINISHED and redo.params == stopped.params
+    assert redo.state in finished_states() and redo.params == stopped.params
+    k = redo.user_attrs["resumed"]["epoch"]
+    assert k >= 1
+    history = (out / redo.user_attrs["trial_dir"] / "metrics.jsonl").read_text().splitlines()
+    assert history[:k] == done_epochs[:k] and len(history) == 3
+    assert redo.value == json.loads(history[-1])["val_acc"]
 
 
-def test_sigterm_stops_every_worker_and_exits_143(
+def test_sigterm_stops_every_worker_exits_143_and_a_rerun_resumes(
     tmp_path, write_spec, start_sweep, running_trials, read_trials
 ):
     optimizers = ["sgd", "sam"]
@@ -72,3 +71,16 @@ def test_sigterm_stops_every_worker_and_exits_143(
     assert not [t for t in everything if t.state == TrialState.RUNNING]
     interrupted = [t for t in everything if t.user_attrs.get("reason") == "interrupted"]
     assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
+    runs = offline_runs(out)
+    for trial in interrupted:  # every interrupted trial's W&B run was finished with its reason
+        run = runs[trial.user_attrs["wandb_run_id"]]
+        assert run.exit_code == 1 and run.summary["reason"] == "interrupted"
+    finished = {
+        t.user_attrs["trial_dir"]: t.value for t in everything if t.state in finished_states()
+    }
+
+    assert rerun(spec, out) == 0
+    after = read_trials(out / "optuna.journal", "tiny", optimizers)
+    check_exact(after, 3)
+    kept = {t.user_attrs["trial_dir"]: t.value for ts in after.values() for t in ts}
+    assert {d: kept[d] for d in finished} == finished  # nothing that had finished was redone
