@@ -1,0 +1,40 @@
+"""A rerun into a run folder resumes only the sweep that is there: a spec that changes what is
+tuned (model, data, search space, epochs, ...) exits 2 before any work and touches nothing,
+while a larger budget or other final-stage settings carry on the same studies."""
+
+from __future__ import annotations
+
+from sweep_fixtures import check_exact
+
+from sweeps.cli import main
+
+
+def snapshot(folder) -> dict:
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_different_spec_is_refused_and_a_larger_budget_resumes(
+    tmp_path, write_spec, read_trials, capsys
+):
+    spec = write_spec(optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}})
+    out = tmp_path / "run"
+    assert main(["sweep", str(spec), "--out", str(out), "--stage", "tune"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+
+    for change in ("base.train.epochs=2", "search.lr.high=0.5", "base.model.name=resnet10t"):
+        code = main(["sweep", str(spec), "--out", str(out), "--set", change])
+        err = capsys.readouterr().err
+        assert code == 2, change
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert change.split("=")[0] in err and "choose another --out" in err
+        assert snapshot(out) == before, change
+
+    more = ["--set", "budget.trials=2", "--set", "final.seeds=0", "--stage", "tune"]
+    assert main(["sweep", str(spec), "--out", str(out), *more]) == 0
+    check_exact(read_trials(out / "optuna.journal", "tiny", ["sgd"]), 2)
+    assert "trials: 2" in (out / "spec.yaml").read_text()
