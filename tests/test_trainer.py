@@ -105,6 +105,17 @@ def test_corrupt_checkpoint_is_ignored_with_warning(tmp_path):
     assert result.status == "complete" and len(result.history) == 1
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    run_train(parse_train_config(config(train__epochs=1)), out_dir=tmp_path, verbose=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = parse_train_config(config(train__epochs=1, optim__lr=0.2))
+    with pytest.raises(UserError, match=r"another config \(optim\.lr: 0\.05 -> 0\.2\)"):
+        run_train(other, out_dir=tmp_path, resume=True, verbose=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    renamed = parse_train_config({**config(train__epochs=1), "name": "another-name"})
+    assert run_train(renamed, out_dir=tmp_path, resume=True, verbose=False).status == "complete"
+
+
 def test_existing_run_is_never_overwritten(tmp_path):
     cfg = parse_train_config(config(train__epochs=1))
     run_train(cfg, out_dir=tmp_path, verbose=False)
