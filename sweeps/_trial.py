@@ -24,7 +24,6 @@ status and reason, and where its time went (``seconds``: train vs the sweep's ow
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
+from sweeps._faults import is_out_of_memory, one_line, release_memory
 from sweeps._search import suggest_params, trial_epochs
 from sweeps._signals import Interrupted, InterruptGuard
 from sweeps._studies import OUT_OF_MEMORY, fail_trial, requeue, study_name
@@ -42,7 +42,7 @@ from sweeps.spec import SweepSpec
 from sweeps.storage import heartbeat
 from sweeps.tracking import WandbCallback
 
-__all__ = ["PruningCallback", "TrialRunner", "is_out_of_memory", "release_memory", "trial_dir"]
+__all__ = ["PruningCallback", "TrialRunner", "trial_dir"]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -84,33 +84,6 @@ class PruningCallback(Callback):
             self.pruned_at = epoch
             return f"pruned at epoch {epoch} (val_acc {value:.4f})"
         return None
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or an allocator saying it ran out."""
-    import torch
-
-    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
-
-
-def release_memory() -> None:
-    """Free what a failed trial held: its frames (cycles through the traceback) and, on a GPU,
-    the blocks PyTorch's caching allocator keeps for reuse."""
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
 
 
 @dataclass
@@ -168,14 +141,14 @@ class TrialRunner:
                 requeue(study, _frozen(study, trial), lost=True)
             raise
         except Exception as exc:
-            failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {_one_line(exc)}"
+            failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {one_line(exc)}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "error.txt").write_text(traceback.format_exc())
             if tracker is not None:
                 tracker.finish(status="failed", reason=failure)
             if failure == OUT_OF_MEMORY:
                 with contextlib.suppress(Exception):  # the reason says it even if this fails
-                    trial.set_user_attr("error", _one_line(exc))
+                    trial.set_user_attr("error", one_line(exc))
             if fail_trial(study, trial, failure):
                 requeue(study, _frozen(study, trial), lost=False)
         if failure is not None:  # out of the except block: the traceback's frames are unreachable

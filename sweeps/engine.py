@@ -99,7 +99,10 @@ def _stage_final(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int
     finals = _optional("sweeps.finals", "run_finals")
     if finals is None or spec.final.seeds == 0:
         return 0
-    return _exit_code(finals(spec, args, storage))
+    result = finals(spec, args, storage)
+    if isinstance(result, list) and any(getattr(r, "outcome", "") == "failed" for r in result):
+        args.finals_failed = True  # the leaderboard still runs; the sweep then exits 1
+    return _exit_code(result)
 
 
 def _stage_leaderboard(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
@@ -187,6 +190,9 @@ def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
             code = step.run(spec, args, storage)
             if code:
                 return code
+    if getattr(args, "finals_failed", False):
+        print("some final runs failed; rerun the same command to retry them", flush=True)
+        return 1
     return 0
 
 

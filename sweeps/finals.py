@@ -17,8 +17,10 @@ Layout: ``finals/<opt>/seed<k>/`` for each optimizer's best configuration and
 ``final.json`` (which trial, parameters, seed and epochs it stands for), the trainer's
 ``metrics.jsonl`` and ``checkpoint.pt``, and ``summary.json`` with ``flatness`` and ``final`` keys
 added. The stage is resumable: a final whose summary says complete (or diverged, which a rerun
-would only repeat) is skipped; an interrupted one resumes from its checkpoint; a final left over
-from a different trial (tuning went on and found a better one) is moved to ``finals/.stale/``.
+would only repeat) is skipped; an interrupted one resumes from its checkpoint; one that failed
+(out of memory, an error) is recorded as ``failed`` with its reason and ``error.txt``, the other
+finals go on, and a rerun retries it; a final left over from a different trial (tuning went on and
+found a better one) is moved to ``finals/.stale/``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
+from msam.errors import UserError
+from sweeps._faults import is_out_of_memory, one_line, release_memory
 from sweeps._results import (
     FINAL_JOB,
     FINALS_DIR,
@@ -48,6 +53,7 @@ from sweeps._results import (
     open_results_storage,
     read_json,
 )
+from sweeps._studies import OUT_OF_MEMORY
 
 __all__ = [
     "FlatnessSettings",
@@ -442,6 +448,7 @@ def run_final(
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write_json(folder / FINAL_JOB, identity)
     tracker = final_tracker(job, spec, run_dir)
+    failure: str | None = None
     try:
         result = run_train(
             job.cfg,
@@ -451,10 +458,24 @@ def run_final(
             final=True,
             verbose=verbose,
         )
-    except BaseException:  # interrupted or crashed: close its W&B run, then let it propagate
+    except UserError:
         if tracker is not None:
             tracker.finish({"status": "failed"})
         raise
+    except Exception as exc:  # this final failed (out of memory, a bug): record it, go on
+        failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {one_line(exc)}"
+        (folder / "error.txt").write_text(traceback.format_exc())
+        if tracker is not None:
+            tracker.finish({"status": "failed", "reason": failure})
+    except BaseException:  # interrupted: close its W&B run, then let it propagate
+        if tracker is not None:
+            tracker.finish({"status": "failed", "reason": "interrupted"})
+        raise
+    if failure is not None:  # out of the except block: the traceback's frames are unreachable
+        release_memory()
+        summary = {"name": job.cfg.name, "status": "failed", "reason": failure, "final": identity}
+        _atomic_write_json(folder / SUMMARY, summary)  # not a done state: a rerun retries it
+        return record(summary, "failed")
     summary = dict(result.summary)
     if result.status == "complete" and wants_flatness:
         summary["flatness"] = measure_flatness(result.model, sample, job.cfg, spec, settings)
@@ -471,6 +492,14 @@ def _announce(record: FinalRecord, verbose: bool) -> None:
     s = record.summary
     acc = s.get("test_acc")
     acc_text = f"test_acc {acc:.4f}" if isinstance(acc, float) and math.isfinite(acc) else "-"
+    if record.outcome == "failed":
+        print(
+            f"final {record.label} seed{record.seed} (trial {record.trial}) failed: "
+            f"{s.get('reason')}; see {record.dir}/error.txt, rerun the same command to retry it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return
     done = " (done before)" if record.outcome == "skipped" else ""
     print(
         f"final {record.label} seed{record.seed} (trial {record.trial}): {record.status}{done}, "

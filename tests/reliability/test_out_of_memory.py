@@ -4,6 +4,7 @@ before the next trial starts, and the worker goes on to finish the budget."""
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import pytest
@@ -12,7 +13,7 @@ from optuna.trial import TrialState
 from sweep_fixtures import check_exact, rerun
 
 import msam.trainer
-from sweeps._trial import is_out_of_memory
+from sweeps._faults import is_out_of_memory
 from sweeps.tracking import find_offline_runs, read_offline_run
 
 
@@ -84,3 +85,38 @@ def test_a_study_whose_every_trial_runs_out_of_memory_is_given_up(
 )
 def test_what_counts_as_out_of_memory(exc, expected):
     assert is_out_of_memory(exc) is expected
+
+
+def test_a_final_run_out_of_memory_is_recorded_the_others_go_on_and_a_rerun_retries_it(
+    tmp_path, write_spec, monkeypatch
+):
+    from sweeps.cli import main
+    from sweeps.finals import FlatnessSettings
+
+    small = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
+    monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: small))
+    real_backward = msam.trainer.backward
+    raised = []
+
+    def backward_out_of_memory_in_seed_1(*args, **kwargs):
+        if torch.initial_seed() == 1 and not raised:  # the trainer seeds torch with train.seed
+            raised.append(True)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+        return real_backward(*args, **kwargs)
+
+    monkeypatch.setattr(msam.trainer, "backward", backward_out_of_memory_in_seed_1)
+    spec = write_spec(
+        optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}}, final={"seeds": 2}
+    )
+    out = tmp_path / "run"
+    assert main(["sweep", str(spec), "--out", str(out)]) == 1
+    failed = json.loads((out / "finals/sgd/seed1/summary.json").read_text())
+    assert failed["status"] == "failed" and failed["reason"] == "out of memory"
+    assert json.loads((out / "finals/sgd/seed0/summary.json").read_text())["status"] == "complete"
+    assert "1 failed" in (out / "leaderboard.md").read_text()
+
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    again = json.loads((out / "finals/sgd/seed1/summary.json").read_text())
+    assert again["status"] == "complete" and again["test_acc"] is not None
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["rows"][0]["seeds"] == [0, 1]
