@@ -145,12 +145,14 @@ def _always(model: nn.Module, inputs: Tensor, micro_batches: int) -> str | None:
 @dataclass(frozen=True)
 class Strategy:
     """One way to compute the mSAM gradient. ``check`` returns why it cannot be exact for a
-    model (None when it can); ``run`` has the signature of ``_loop``."""
+    model (None when it can); ``run`` has the signature of ``_loop``. ``cuda_only`` lets a config
+    naming it for another device be refused before any work, not at the first step."""
 
     name: str
     run: Callable[..., Tensor]
     check: Callable[[nn.Module, Tensor, int], str | None]
     summary: str
+    cuda_only: bool = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         return self.run(*args, **kwargs)
@@ -164,6 +166,7 @@ def _graphed(inner: Strategy) -> Strategy:
         _graphed_mod.make_run(inner.run, check),
         check,
         f"{inner.name}, replayed as one CUDA graph (CUDA only)",
+        cuda_only=True,
     )
 
 

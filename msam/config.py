@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -55,6 +56,7 @@ __all__ = [
     "apply_overrides",
     "check_optimizer_name",
     "check_run_name",
+    "check_strategy",
     "did_you_mean",
     "load_train_config",
     "load_yaml",
@@ -100,10 +102,11 @@ def _number_not_bool(value: Any) -> Any:
 
 
 # Integers and booleans come typed from YAML, so they are strict (no `epochs: true`, no `"10"`);
-# floats stay lax so that `lr: 1e-3` (a string to YAML 1.1) still reads as a number.
+# floats stay lax so that `lr: 1e-3` (a string to YAML 1.1) still reads as a number, but finite:
+# `rho: .inf` would pass `ge=0` and only show as a diverged run.
 Int = Annotated[int, Strict()]
 Bool = Annotated[bool, Strict()]
-Float = Annotated[float, BeforeValidator(_number_not_bool)]
+Float = Annotated[float, BeforeValidator(_number_not_bool), AllowInfNan(False)]
 AutoBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 AmpMode = Annotated[Literal["auto", "bf16", "fp16", "none"], BeforeValidator(_amp_mode)]
 
@@ -544,3 +547,23 @@ def check_optimizer_name(name: str) -> None:
     # timm reads "lookahead_<opt>" as a wrapper around <opt>; the last part is the optimizer.
     if name.lower().split("_")[-1] not in names:
         raise UserError(f"optim.base: unknown timm optimizer '{name}'{did_you_mean(name, names)}")
+
+
+def check_strategy(name: str, device_type: str) -> None:
+    """UserError when ``optim.strategy`` is unknown, or runs on CUDA only and the run would not;
+    ``msam.backward`` would otherwise raise at the first step, after data and model are built."""
+    from msam._backward import STRATEGIES
+
+    if name == "auto":
+        return
+    known = ["auto", *sorted(STRATEGIES)]
+    if name not in STRATEGIES:
+        raise UserError(
+            f"optim.strategy: unknown value '{name}'{did_you_mean(name, known)}; "
+            f"expected one of {', '.join(known)}"
+        )
+    if STRATEGIES[name].cuda_only and device_type != "cuda":
+        raise UserError(
+            f"optim.strategy {name} runs on CUDA only and this run is on {device_type}; "
+            "use optim.strategy=auto"
+        )

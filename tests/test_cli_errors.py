@@ -1,10 +1,11 @@
 """User errors on the command line: exit status 2, one line on stderr, no traceback, and an
-existing output folder left byte-for-byte as it was."""
+existing output folder left byte-for-byte as it was.
+
+The matrix of bad config files for train, sweep and worker (and its subprocess runs) is
+tests/reliability/test_bad_input.py; here are overrides, options and usage mistakes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,16 +35,6 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "sweeps.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def assert_one_line_error(stderr: str, *fragments: str) -> None:
     lines = stderr.splitlines()
     assert len(lines) == 1, stderr
@@ -51,30 +42,6 @@ def assert_one_line_error(stderr: str, *fragments: str) -> None:
     assert "Traceback" not in stderr
     for fragment in fragments:
         assert fragment in lines[0]
-
-
-@pytest.mark.parametrize(
-    ("name", "text", "fragments"),
-    [
-        ("missing.yaml", None, ["missing.yaml: no such file"]),
-        ("broken.yaml", "name: t\ndata: {dataset: digits\nmodel: x\n", ["broken.yaml:3:6"]),
-        (
-            "unknown.yaml",
-            GOOD_CONFIG + "optim: {rhoo: 0.1}\n",
-            ["unknown key 'optim.rhoo'", "did you mean 'rho'"],
-        ),
-    ],
-)
-def test_train_user_errors_in_a_subprocess(tmp_path, out_dir, name, text, fragments):
-    if text is not None:
-        (tmp_path / name).write_text(text)
-    before = snapshot(out_dir)
-    result = run_cli("train", name, "--out", str(out_dir), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert_one_line_error(result.stderr, *fragments)
-    assert result.stdout == ""
-    assert snapshot(out_dir) == before
-    assert not (tmp_path / "runs").exists()
 
 
 def in_process(capsys, *args: str) -> tuple[int, str]:

@@ -320,6 +320,7 @@ def test_every_strategy_is_described():
     assert {"loop", "fused", "batched"} <= set(NAMES)
     for name, s in msam.STRATEGIES.items():
         assert s.name == name and s.summary
+        assert s.cuda_only == name.startswith("graphed_")  # configs are refused on other devices
 
 
 @pytest.mark.parametrize("name", [n for n in msam.STRATEGIES if n.startswith("graphed_")])

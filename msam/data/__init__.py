@@ -7,7 +7,14 @@ DataLoader behind the same interface. Nothing is downloaded.
 """
 
 from msam.data._augment import crop_and_flip
-from msam.data._build import DataBundle, Loader, build_data, check_data_available, dataset_info
+from msam.data._build import (
+    DataBundle,
+    Loader,
+    build_data,
+    check_data_available,
+    check_data_fits,
+    dataset_info,
+)
 from msam.data._datasets import SYNTHETIC_DEFAULTS, search_roots
 from msam.data._imagefolder import ImageFolderLoader
 from msam.data._info import DATASETS, DatasetInfo
@@ -23,6 +30,7 @@ __all__ = [
     "Loader",
     "build_data",
     "check_data_available",
+    "check_data_fits",
     "crop_and_flip",
     "dataset_info",
     "search_roots",

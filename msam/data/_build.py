@@ -20,7 +20,7 @@ from msam.data._imagefolder import (
 )
 from msam.data._info import DatasetInfo, canonical_name, static_info
 from msam.data._loader import DeviceLoader
-from msam.data._splits import check_split_args, split_indices
+from msam.data._splits import check_split_args, split_indices, split_sizes
 from msam.errors import UserError
 
 Loader = DeviceLoader | ImageFolderLoader
@@ -68,6 +68,39 @@ def check_data_available(
         locate_imagefolder(root)
     else:
         locate(name, _root_str(root))
+
+
+def check_data_fits(
+    dataset: str,
+    root: str | os.PathLike[str] | None = None,
+    *,
+    val_fraction: float,
+    subset: int | None,
+    batch_size: int,
+    synthetic: Mapping[str, Any] | None = None,
+    img_size: int | None = None,
+) -> None:
+    """UserError when the subset, validation split or batch size cannot fit the data set.
+
+    Uses the data set's known size (no loading), so a sweep stops here rather than in every
+    trial; a data set whose size only its files tell (imagefolder) is checked when loaded.
+    """
+    name = canonical_name(dataset)
+    info = dataset_info(name, root, synthetic=synthetic, img_size=img_size)
+    if info.num_train is None:
+        return
+    n_train, _ = split_sizes(
+        info.num_train, val_fraction=val_fraction, subset=subset, final=False, name=name
+    )
+    if n_train < batch_size:
+        raise UserError(_no_full_batch(batch_size, n_train, name))
+
+
+def _no_full_batch(batch_size: int, n_train: int, name: str) -> str:
+    return (
+        f"batch_size={batch_size} exceeds the {n_train} training examples of {name} "
+        "(every step uses a full batch); lower batch_size or raise data.subset"
+    )
 
 
 def _root_str(root: str | os.PathLike[str] | None) -> str | None:
@@ -181,8 +214,5 @@ def build_data(
         test = DeviceLoader(*_as_tensors(arrays.test_x, arrays.test_y), eval_bs, **norm)
 
     if len(train) == 0:
-        raise UserError(
-            f"batch_size={batch_size} exceeds the {train.num_samples} training examples of {name} "
-            "(every step uses a full batch); lower batch_size or raise data.subset"
-        )
+        raise UserError(_no_full_batch(batch_size, train.num_samples, name))
     return DataBundle(train=train, val=val, test=test, info=info)

@@ -41,6 +41,28 @@ def check_split_args(val_fraction: float, subset: int | None) -> None:
         raise UserError(f"data.subset must be a positive integer or null, got {subset}")
 
 
+def split_sizes(
+    n: int, *, val_fraction: float, subset: int | None, final: bool, name: str = "data set"
+) -> tuple[int, int]:
+    """(training, validation) example counts that :func:`split_indices` gives a set of ``n``.
+
+    The sizes alone, so that a config can be checked against a data set's known size before
+    anything is loaded; UserError when the subset or the split leaves nothing to train on.
+    """
+    check_split_args(val_fraction, subset)
+    if subset is not None and subset > n:
+        raise UserError(f"data.subset={subset} exceeds the {n} training examples of {name}")
+    kept = n if subset is None else subset
+    if final or val_fraction == 0:
+        return kept, 0
+    n_val = max(1, round(val_fraction * kept))
+    if n_val >= kept:
+        raise UserError(
+            f"data.val_fraction={val_fraction} leaves no training examples out of {kept}"
+        )
+    return kept - n_val, n_val
+
+
 def split_indices(
     labels: np.ndarray,
     *,
@@ -55,21 +77,15 @@ def split_indices(
     ``subset`` keeps that many examples (stratified, seeded) before the validation split takes
     ``round(val_fraction * kept)`` of them; ``final`` trains on everything kept.
     """
-    check_split_args(val_fraction, subset)
-    n = len(labels)
-    pool = np.arange(n)
+    _, n_val = split_sizes(
+        len(labels), val_fraction=val_fraction, subset=subset, final=final, name=name
+    )
+    pool = np.arange(len(labels))
     if subset is not None:
-        if subset > n:
-            raise UserError(f"data.subset={subset} exceeds the {n} training examples of {name}")
         order = stratified_order(labels, np.random.default_rng([split_seed, 0]))
         pool = np.sort(order[:subset])
-    if final or val_fraction == 0:
+    if n_val == 0:
         return pool, None
-    n_val = max(1, round(val_fraction * len(pool)))
-    if n_val >= len(pool):
-        raise UserError(
-            f"data.val_fraction={val_fraction} leaves no training examples out of {len(pool)}"
-        )
     order = stratified_order(labels[pool], np.random.default_rng([split_seed, 1]))
     val = np.sort(pool[order[:n_val]])
     train = np.sort(pool[order[n_val:]])

@@ -54,24 +54,44 @@ def preflight(
     dataset: str,
     root: str | None,
     synthetic: dict[str, Any] | None,
+    val_fraction: float,
+    subset: int | None,
+    batch_size: int,
+    device: str = "auto",
+    strategy: str = "auto",
     img_size: int | None = None,
     small_input: bool | str = "auto",
     model_kwargs: dict[str, Any] | None = None,
 ) -> None:
-    """Catch a wrong model, optimizer or missing data set before any work (UserError, exit 2).
+    """Catch a wrong model, optimizer, strategy or device, a missing data set, or a subset,
+    validation split or batch that does not fit the data, before any work (UserError, exit 2).
 
     Where the data layer can say the image shape, the model is also built and run on the meta
     device, so a model that cannot take these images fails here rather than after data loading.
     """
-    from msam.config import check_optimizer_name
+    from msam.config import check_optimizer_name, check_strategy
     from msam.models import check_model, check_model_name
 
     check_model_name(model)
     check_optimizer_name(base_optimizer)
+    resolve_device = load_entry("msam.trainer", "resolve_device")
+    if resolve_device is not None:
+        check_strategy(strategy, resolve_device(device).type)
     check_data = load_entry("msam.data", "check_data_available")
     if check_data is None:
         return
     check_data(dataset, root, synthetic=synthetic)
+    check_fits = load_entry("msam.data", "check_data_fits")
+    if check_fits is not None:
+        check_fits(
+            dataset,
+            root,
+            val_fraction=val_fraction,
+            subset=subset,
+            batch_size=batch_size,
+            synthetic=synthetic,
+            img_size=img_size,
+        )
     dataset_info = load_entry("msam.data", "dataset_info")
     if dataset_info is None:
         return

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from msam.errors import UserError
+from sweeps._launch import STORAGE_ENV
 from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
 
 
@@ -37,7 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     worker.add_argument("spec", metavar="SPEC", help="the sweep's spec YAML")
     add_set_option(worker)
-    worker.add_argument("--storage", metavar="URL", required=True, help="the sweep's storage")
+    worker.add_argument(
+        "--storage",
+        metavar="URL",
+        help=f"the sweep's storage (default: ${STORAGE_ENV}, which keeps a password out of the "
+        "process list)",
+    )
     worker.add_argument("--out", metavar="DIR", help="run folder (default: runs/<name>)")
     # The launcher numbers its workers so each seeds its sampler differently (seed + index).
     worker.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -55,6 +62,11 @@ def _load_spec(args: argparse.Namespace):
         dataset=base.data.dataset,
         root=base.data.root,
         synthetic=base.data.synthetic.model_dump() if base.data.synthetic else None,
+        val_fraction=base.data.val_fraction,
+        subset=base.data.subset,
+        batch_size=base.train.batch_size,
+        device=base.train.device,
+        strategy=base.optim.strategy,
         img_size=base.data.img_size,
         small_input=base.model.small_input,
         model_kwargs=base.model.kwargs,
@@ -99,7 +111,22 @@ def run_sweep(args: argparse.Namespace) -> int:
     return int(engine(spec, args) or 0)
 
 
+def _worker_storage(args: argparse.Namespace) -> str:
+    """``--storage``, else ``$MSAM_STORAGE``: how the launcher hands its workers a URL that may
+    hold a password, since every user of a machine can read a process's command line."""
+    if args.storage is not None:
+        return args.storage
+    storage = os.environ.get(STORAGE_ENV)
+    if not storage:
+        raise UserError(
+            "msam worker: the following arguments are required: --storage URL "
+            f"(or {STORAGE_ENV} in the environment)"
+        )
+    return storage
+
+
 def run_worker(args: argparse.Namespace) -> int:
+    args.storage = _worker_storage(args)
     spec = _load_spec(args)
     engine = load_entry("sweeps.engine", "run_worker")
     if engine is None:

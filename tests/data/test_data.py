@@ -18,10 +18,11 @@ from msam.data import (
     DeviceLoader,
     build_data,
     check_data_available,
+    check_data_fits,
     crop_and_flip,
     dataset_info,
 )
-from msam.data._datasets import load_arrays, locate
+from msam.data._datasets import load_arrays, load_synthetic, locate
 from msam.data._splits import split_indices, stratified_order
 from msam.errors import UserError
 
@@ -100,6 +101,26 @@ def test_static_info_is_consistent(name: str) -> None:
     assert len(info.mean) == len(info.std) == info.in_chans
     assert info.crop_pad == {8: 0, 28: 2, 32: 4}[info.img_size]
     assert info.flip == (name not in ("digits", "mnist"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "digits",
+        "synthetic",
+        pytest.param(
+            "fashion_mnist",
+            marks=pytest.mark.skipif(
+                not HAS_FASHION, reason="apt-get install dataset-fashion-mnist"
+            ),
+        ),
+    ],
+)
+def test_known_training_set_sizes_match_the_files(name: str) -> None:
+    synthetic = SMALL_SYNTH if name == "synthetic" else None
+    info = dataset_info(name, synthetic=synthetic)
+    arrays = load_synthetic(synthetic) if name == "synthetic" else load_arrays(name, None)
+    assert info.num_train == len(arrays.train_y)
 
 
 def test_names_are_normalised_and_unknown_names_rejected() -> None:
@@ -279,6 +300,32 @@ def test_bad_arguments_raise_user_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(UserError, match=match) as err:
         build_data("digits", **{"batch_size": 32, **kwargs})
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"subset": 10**6},
+        {"batch_size": 5000},
+        {"subset": 40, "batch_size": 37},  # 36 training examples after the split
+        {"subset": 1},  # the validation split takes the only example
+    ],
+)
+def test_size_checks_before_loading_say_what_loading_says(kwargs: dict) -> None:
+    args = {"val_fraction": 0.1, "subset": None, "batch_size": 32, **kwargs}
+    with pytest.raises(UserError) as early:
+        check_data_fits("digits", **args)
+    with pytest.raises(UserError) as loaded:
+        build_data("digits", **args)
+    assert str(early.value) == str(loaded.value)
+
+
+def test_size_checks_before_loading_pass_what_loading_takes() -> None:
+    check_data_fits("digits", val_fraction=0.1, subset=40, batch_size=36)
+    assert len(build_data("digits", val_fraction=0.1, subset=40, batch_size=36).train) == 1
+    check_data_fits(
+        "synthetic", val_fraction=0.5, subset=None, batch_size=100, synthetic=SMALL_SYNTH
+    )
 
 
 # ------------------------------------------------------------------------------- splits
