@@ -1,8 +1,10 @@
 """Worker processes of one machine: one per CPU slot or per GPU slot, each its own ``msam worker``.
 
-A worker is ``python -m sweeps.cli worker <out>/spec.yaml --storage ... --out ... --worker-index k``
-with ``CUDA_VISIBLE_DEVICES`` set to its GPU, so the launcher and a worker started by hand on
-another machine run the same code. Output goes to ``<out>/logs/worker-<k>.log``; the launcher's
+A worker is ``python -m sweeps.cli worker <out>/spec.yaml --out ... --worker-index k`` with
+``CUDA_VISIBLE_DEVICES`` set to its GPU, so the launcher and a worker started by hand on another
+machine run the same code. The storage travels in ``MSAM_STORAGE``, not on the command line: a
+process's command line is readable by every user of the machine (``/proc/<pid>/cmdline``), and a
+database URL may hold a password. Output goes to ``<out>/logs/worker-<k>.log``; the launcher's
 terminal shows the live view. Ctrl-C or SIGTERM reach every worker, which fail their running
 trials as ``interrupted`` and exit; a worker that does not within ``STOP_TIMEOUT_S`` is killed.
 """
@@ -20,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Slot", "WorkerPool", "plan_slots", "worker_threads"]
+__all__ = ["STORAGE_ENV", "Slot", "WorkerPool", "plan_slots", "worker_threads"]
 
 #: Seconds workers get to fail their trials and finish their W&B runs after a stop signal.
 STOP_TIMEOUT_S = 60
 #: Environment variable giving a spawned worker its torch CPU thread count.
 THREADS_ENV = "MSAM_WORKER_THREADS"
+#: Environment variable giving ``msam worker`` its storage when ``--storage`` is absent.
+STORAGE_ENV = "MSAM_STORAGE"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,11 @@ class WorkerPool:
         for slot in self.slots:
             if self._stop_sent is not None:  # stopped while starting: start no more
                 break
-            env = dict(os.environ, PYTHONUNBUFFERED="1", **{THREADS_ENV: str(threads)})
+            env = dict(
+                os.environ,
+                PYTHONUNBUFFERED="1",
+                **{THREADS_ENV: str(threads), STORAGE_ENV: self.storage_arg},
+            )
             if slot.gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(slot.gpu)
             command = [
@@ -84,8 +92,6 @@ class WorkerPool:
                 "sweeps.cli",
                 "worker",
                 str(self.spec_path),
-                "--storage",
-                self.storage_arg,
                 "--out",
                 str(self.out),
                 "--worker-index",

@@ -50,7 +50,10 @@ CONNECT_TIMEOUT_S = 10
 
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
 _REDIS_SCHEMES = ("redis", "rediss")
-_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^/:@]*:)(?P<password>[^@/]*)(?=@)")
+# The password runs to the last "@": SQLAlchemy allows "/" and ":" in it, and hiding too much of a
+# malformed URL is better than showing part of a secret.
+_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^/:@]*:)(?P<password>.*)(?=@)")
+_QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#]*")  # libpq and redis-py accept this too
 
 
 class StorageRef:
@@ -74,7 +77,7 @@ class StorageRef:
 
 def mask_url(url: str) -> str:
     """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return _PASSWORD.sub(lambda m: m.group("head") + "***", url)
+    return _QUERY_PASSWORD.sub("***", _PASSWORD.sub(lambda m: m.group("head") + "***", url))
 
 
 def _scheme(text: str) -> str | None:
