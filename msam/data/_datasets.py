@@ -187,10 +187,31 @@ def _load_idx(name: str, folder: Path) -> ArrayData:
     )
 
 
+#: What a CIFAR batch file may build when unpickled: NumPy arrays and nothing else. Python's
+#: pickle runs whatever a file names, and these files come from wherever a user found them.
+_CIFAR_PICKLE_ALLOWED = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+}
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays; refuses every other callable."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _CIFAR_PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not CIFAR data")
+
+
 def _read_cifar_batch(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _ArraysOnlyUnpickler(f, encoding="latin1").load()
         x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         y = np.asarray(batch[label_key], dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
@@ -285,6 +306,7 @@ def synthetic_info(options: Mapping[str, Any] | None) -> DatasetInfo:
         std=(0.25,) * opts["in_chans"],
         flip=True,
         crop_pad=opts["img_size"] // 8,
+        num_train=opts["num_train"],
     )
 
 
