@@ -3,12 +3,42 @@
 The core is :func:`backward`, which writes the mSAM gradient (Behdin et al., 2023) into ``.grad``;
 :class:`SAM` and :class:`MSAM` wrap any base optimizer around it. This package never imports optuna
 or wandb: the sweep engine in ``sweeps`` plugs them in through the trainer's callbacks.
+
+The names below load torch on first use (PEP 562), so ``msam.config`` and ``msam.errors`` answer
+a bad config in a fraction of a second instead of after torch's import.
 """
 
-from msam._backward import STRATEGIES, backward
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from msam.errors import UserError
-from msam.optim import MSAM, SAM
+
+if TYPE_CHECKING:
+    from msam._backward import STRATEGIES, backward
+    from msam.optim import MSAM, SAM
 
 __version__ = "0.1.0"
 
 __all__ = ["MSAM", "SAM", "STRATEGIES", "UserError", "__version__", "backward"]
+
+_LAZY = {
+    "backward": "msam._backward",
+    "STRATEGIES": "msam._backward",
+    "MSAM": "msam.optim",
+    "SAM": "msam.optim",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'msam' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -321,3 +321,22 @@ def test_bad_input_in_subprocesses(tmp_path, env):
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+
+
+def test_a_config_error_answers_before_torch_is_imported(tmp_path):
+    """Broken YAML and unknown keys are found without importing torch, timm or optuna (seconds
+    of a user's time on every typo)."""
+    (tmp_path / "broken.yaml").write_text("name: t\ndata: {dataset: digits\n")
+    (tmp_path / "unknown.yaml").write_text("name: t\ndata: {datset: digits}\n")
+    probe = (
+        "import sys\n"
+        "from sweeps.cli import main\n"
+        "codes = [main(['train', 'broken.yaml']), main(['sweep', 'unknown.yaml'])]\n"
+        "heavy = sorted({'torch', 'timm', 'optuna', 'wandb'} & set(sys.modules))\n"
+        "print(codes, heavy)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.stdout.strip() == "[2, 2] []", done.stdout + done.stderr
