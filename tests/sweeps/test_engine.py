@@ -177,17 +177,9 @@ def test_baseline_moves_into_the_search_space(write_spec):
 
 @pytest.mark.parametrize(
     ("changes", "extra", "message"),
-    [
-        ({"search": {"micro_batches": {"choices": [3, 4]}}}, [], "does not divide"),
+    [  # the full matrix of bad inputs is tests/reliability/test_bad_input.py
         ({"budget": {"sampler": "bayes"}}, [], "budget.sampler"),
         ({"base": {"data": {"val_fraction": 0.0}}}, [], "validation split"),
-        ({}, ["--storage", "ftp://x/y"], "unknown scheme"),
-        (
-            {},
-            ["--storage", "postgresql://postgres:hunter2@127.0.0.1:1/none"],
-            "cannot reach the database",
-        ),
-        ({}, ["--storage", "redis://:hunter2@127.0.0.1:1/0"], "cannot reach Redis"),
     ],
 )
 def test_input_errors_exit_2_before_any_work(tmp_path, write_spec, capsys, changes, extra, message):
