@@ -69,6 +69,18 @@ class InterruptGuard:
             raise Interrupted(self.signum)
 
     @contextlib.contextmanager
+    def shielded(self) -> Iterator[None]:
+        """Inside ``raising``, a block a signal must not cut in two (starting or finishing a W&B
+        run): the signal waits for the block's end, then raises there."""
+        saved, self._raising = self._raising, 0
+        try:
+            yield
+        finally:
+            self._raising = saved
+        if saved:
+            self.check()
+
+    @contextlib.contextmanager
     def raising(self) -> Iterator[None]:
         """Inside this block a signal raises at once (training can be stopped mid-epoch)."""
         self.check()

@@ -128,7 +128,7 @@ class TrialRunner:
                     cfg,
                     out_dir=folder,
                     resume=resumed is not None,
-                    callbacks=[pruning, tracker],
+                    callbacks=[_Shielded(pruning, self.guard), _Shielded(tracker, self.guard)],
                     evaluate_test=False,
                     verbose=self.verbose,
                 )
@@ -258,6 +258,32 @@ class TrialRunner:
 
 def _frozen(study: Any, trial: Any) -> Any:
     return study._storage.get_trial(trial._trial_id)
+
+
+class _Shielded(Callback):
+    """Runs a callback's hooks where a stop signal waits for them to end: a W&B run is never left
+    half started by Ctrl-C (so it can always be finished as interrupted), nor a report half sent
+    to the storage."""
+
+    def __init__(self, inner: Callback, guard: InterruptGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+
+    def on_train_start(self, config: Any, info: Any) -> None:
+        with self.guard.shielded():
+            self.inner.on_train_start(config, info)
+
+    def on_resume(self, history: Any) -> None:
+        with self.guard.shielded():
+            self.inner.on_resume(history)
+
+    def on_epoch_end(self, epoch: int, metrics: Any) -> bool | str | None:
+        with self.guard.shielded():
+            return self.inner.on_epoch_end(epoch, metrics)
+
+    def on_train_end(self, summary: Any) -> None:
+        with self.guard.shielded():
+            self.inner.on_train_end(summary)
 
 
 def _outcome(result: Any) -> tuple[str, str | None, Any, float | None]:

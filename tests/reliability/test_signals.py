@@ -8,9 +8,11 @@ import json
 import os
 import signal
 
+import pytest
 from optuna.trial import TrialState
 from sweep_fixtures import check_exact, finished_states, rerun
 
+from sweeps._signals import Interrupted, InterruptGuard
 from sweeps.tracking import find_offline_runs, read_offline_run
 
 
@@ -72,8 +74,12 @@ def test_sigterm_stops_every_worker_exits_143_and_a_rerun_resumes(
     interrupted = [t for t in everything if t.user_attrs.get("reason") == "interrupted"]
     assert interrupted and all(t.state == TrialState.FAIL for t in interrupted)
     runs = offline_runs(out)
-    for trial in interrupted:  # every interrupted trial's W&B run was finished with its reason
-        run = runs[trial.user_attrs["wandb_run_id"]]
+    assert all(run.run_id for run in runs.values())  # no run was left half started
+    for trial in interrupted:  # every W&B run they started was finished with the reason
+        run = runs.get(trial.user_attrs["wandb_run_id"])
+        if run is None:  # stopped before its W&B run started (while loading data)
+            assert not list(out.glob(f"wandb/offline-run-*-{trial.user_attrs['wandb_run_id']}"))
+            continue
         assert run.exit_code == 1 and run.summary["reason"] == "interrupted"
     finished = {
         t.user_attrs["trial_dir"]: t.value for t in everything if t.state in finished_states()
@@ -84,3 +90,16 @@ def test_sigterm_stops_every_worker_exits_143_and_a_rerun_resumes(
     check_exact(after, 3)
     kept = {t.user_attrs["trial_dir"]: t.value for ts in after.values() for t in ts}
     assert {d: kept[d] for d in finished} == finished  # nothing that had finished was redone
+
+
+def test_a_signal_waits_for_a_shielded_block_then_raises():
+    """What keeps a W&B run from being left half started: inside ``raising`` a signal raises at
+    once, except within ``shielded``, where it raises as the block ends."""
+    steps = []
+    with InterruptGuard() as guard, pytest.raises(Interrupted) as stopped, guard.raising():
+        with guard.shielded():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("the shielded block ran to its end")
+        steps.append("never reached")
+    assert steps == ["the shielded block ran to its end"]
+    assert stopped.value.exit_code == 143
