@@ -99,7 +99,13 @@ def _stage_final(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int
     finals = _optional("sweeps.finals", "run_finals")
     if finals is None or spec.final.seeds == 0:
         return 0
-    result = finals(spec, args, storage)
+    with InterruptGuard() as guard:  # Ctrl-C / SIGTERM: the running final keeps its checkpoint
+        try:
+            with guard.raising():
+                result = finals(spec, args, storage)
+        except Interrupted as exc:
+            print("interrupted: the final stage stopped; rerun to resume it", flush=True)
+            return exc.exit_code
     if isinstance(result, list) and any(getattr(r, "outcome", "") == "failed" for r in result):
         args.finals_failed = True  # the leaderboard still runs; the sweep then exits 1
     return _exit_code(result)

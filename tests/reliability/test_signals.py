@@ -1,18 +1,21 @@
 """Stopping a sweep: Ctrl-C or SIGTERM fail the running trials as ``interrupted`` (exit 130 or
 143), finish their W&B runs, and a rerun of the same command redoes them, continuing from their
-last epoch checkpoint."""
+last epoch checkpoint; in the final stage, the running final stops the same way and resumes."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 
 import pytest
 from optuna.trial import TrialState
 from sweep_fixtures import check_exact, finished_states, rerun
 
 from sweeps._signals import Interrupted, InterruptGuard
+from sweeps.cli import main
+from sweeps.finals import FlatnessSettings
 from sweeps.tracking import find_offline_runs, read_offline_run
 
 
@@ -103,3 +106,34 @@ def test_a_signal_waits_for_a_shielded_block_then_raises():
         steps.append("never reached")
     assert steps == ["the shielded block ran to its end"]
     assert stopped.value.exit_code == 143
+
+
+def test_sigterm_in_the_final_stage_exits_143_and_a_rerun_resumes_the_final(
+    tmp_path, write_spec, start_sweep, monkeypatch
+):
+    spec = write_spec(
+        optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 4}}, final={"seeds": 1}
+    )
+    out = tmp_path / "run"
+    final = out / "finals" / "sgd" / "seed0"
+    sweep = start_sweep(spec, "--out", out)
+    deadline = time.monotonic() + 120
+    while not (final / "checkpoint.pt").exists():
+        assert sweep.poll() is None and time.monotonic() < deadline, "no final epoch in time"
+        time.sleep(0.1)
+    os.kill(sweep.pid, signal.SIGTERM)
+    output, _ = sweep.communicate(timeout=60)
+    assert sweep.returncode == 143, output
+    assert not (final / "summary.json").exists()
+    done_epochs = (final / "metrics.jsonl").read_text().splitlines()
+    (run,) = [r for r in offline_runs(out).values() if r.job_type == "final"]
+    assert run.exit_code == 1 and run.summary["reason"] == "interrupted"  # finished, not left open
+
+    small = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
+    monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: small))
+    assert main(["sweep", str(spec), "--out", str(out)]) == 0
+    summary = json.loads((final / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["start_epoch"] >= 1  # resumed
+    history = (final / "metrics.jsonl").read_text().splitlines()
+    k = summary["start_epoch"]
+    assert len(history) == 4 and history[:k] == done_epochs[:k]
