@@ -1,11 +1,14 @@
-"""What a failing trial or final run leaves behind: is it out of memory, its reason in one line,
-and the memory it held given back before the next run starts."""
+"""What a failing trial or final run leaves behind: its reason (out of memory, or the error in
+one line), and the memory it held given back before the next run starts."""
 
 from __future__ import annotations
 
 import gc
 
-__all__ = ["is_out_of_memory", "one_line", "release_memory"]
+__all__ = ["OUT_OF_MEMORY", "failure_reason", "is_out_of_memory", "one_line", "release_memory"]
+
+#: The reason of a run that ran out of memory (CUDA's OutOfMemoryError, or the host's).
+OUT_OF_MEMORY = "out of memory"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -34,3 +37,8 @@ def one_line(exc: BaseException) -> str:
     """``Type: message`` on one line, at most 500 characters: a reason users can read."""
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}"[:500] if text else type(exc).__name__
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The reason a failed trial or final records: ``out of memory``, else ``error: <one line>``."""
+    return OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {one_line(exc)}"

@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from sweeps._faults import OUT_OF_MEMORY
 from sweeps._search import baseline_params, grid_points
 from sweeps.spec import SweepSpec
 
@@ -79,10 +80,6 @@ class StudyCounts:
     def open_slots(self) -> int:
         """Trials still to start: the budget less finished and running ones."""
         return self.budget - self.finished - self.running
-
-
-#: The reason of a trial that ran out of memory (CUDA's OutOfMemoryError, or the host's).
-OUT_OF_MEMORY = "out of memory"
 
 
 def is_error(reason: str) -> bool:

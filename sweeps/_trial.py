@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
-from sweeps._faults import is_out_of_memory, one_line, release_memory
+from sweeps._faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
 from sweeps._search import suggest_params, trial_epochs
 from sweeps._signals import Interrupted, InterruptGuard
-from sweeps._studies import OUT_OF_MEMORY, fail_trial, requeue, study_name
+from sweeps._studies import fail_trial, requeue, study_name
 from sweeps.spec import SweepSpec
 from sweeps.storage import heartbeat
 from sweeps.tracking import WandbCallback
@@ -141,7 +141,7 @@ class TrialRunner:
                 requeue(study, _frozen(study, trial), lost=True)
             raise
         except Exception as exc:
-            failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {one_line(exc)}"
+            failure = failure_reason(exc)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "error.txt").write_text(traceback.format_exc())
             if tracker is not None:

@@ -42,7 +42,7 @@ from typing import Any
 
 from msam.callbacks import Callback
 from msam.errors import UserError
-from sweeps._faults import is_out_of_memory, one_line, release_memory
+from sweeps._faults import failure_reason, release_memory
 from sweeps._results import (
     FINAL_JOB,
     FINALS_DIR,
@@ -53,7 +53,6 @@ from sweeps._results import (
     open_results_storage,
     read_json,
 )
-from sweeps._studies import OUT_OF_MEMORY
 
 __all__ = [
     "FlatnessSettings",
@@ -463,7 +462,7 @@ def run_final(
             tracker.finish({"status": "failed"})
         raise
     except Exception as exc:  # this final failed (out of memory, a bug): record it, go on
-        failure = OUT_OF_MEMORY if is_out_of_memory(exc) else f"error: {one_line(exc)}"
+        failure = failure_reason(exc)
         (folder / "error.txt").write_text(traceback.format_exc())
         if tracker is not None:
             tracker.finish({"status": "failed", "reason": failure})
