@@ -58,6 +58,7 @@ __all__ = [
     "check_run_name",
     "check_strategy",
     "did_you_mean",
+    "first_difference",
     "load_train_config",
     "load_yaml",
     "parse_train_config",
@@ -413,6 +414,31 @@ def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, An
 
 
 # ----------------------------------------------------------------------------- error messages
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping stays a value of its own."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def first_difference(
+    before: Mapping[str, Any], after: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> tuple[str, Any, Any] | None:
+    """The first dotted key (in sorted order) where two resolved configs differ, with both
+    values; keys under ``ignore`` (``"final"`` covers ``final.seeds``) do not count."""
+    ignored = tuple(ignore)
+    old, new = _dotted(before), _dotted(after)
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in ignored):
+            continue
+        if old.get(key) != new.get(key):
+            return key, old.get(key), new.get(key)
+    return None
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -27,7 +27,7 @@ from torch import nn
 
 from msam._backward import backward
 from msam.callbacks import Callback, CallbackList
-from msam.config import TrainConfig
+from msam.config import TrainConfig, first_difference
 from msam.errors import UserError
 
 CHECKPOINT = "checkpoint.pt"
@@ -179,17 +179,8 @@ def checkpoint_mismatch(state: dict[str, Any], cfg: TrainConfig) -> str | None:
     if "config" not in state:
         return None
     stored, wanted = json.loads(state["config"]), json.loads(json.dumps(_identity(cfg)))
-
-    def first(old: Any, new: Any, path: str) -> str | None:
-        if isinstance(old, dict) and isinstance(new, dict):
-            for key in sorted(set(old) | set(new)):
-                found = first(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-                if found:
-                    return found
-            return None
-        return None if old == new else f"{path}: {old!r} -> {new!r}"
-
-    return first(stored, wanted, "")
+    found = first_difference(stored, wanted)
+    return None if found is None else f"{found[0]}: {found[1]!r} -> {found[2]!r}"
 
 
 def check_out_dir(out_dir: Path | None, resume: bool) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from msam.config import first_difference
 from msam.errors import UserError
 from sweeps._launch import Slot, WorkerPool, plan_slots, worker_threads
 from sweeps._signals import Interrupted, InterruptGuard
@@ -146,15 +147,6 @@ def _open(args: argparse.Namespace, spec: SweepSpec) -> tuple[StorageRef, Any]:
     return ref, open_storage(ref, heartbeat_stale_trial_callback=make_stale_callback())
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: tree}
-
-
 def check_same_sweep(spec: SweepSpec, out: Path) -> None:
     """Refuse (exit 2, nothing touched) to run into a folder that holds another sweep.
 
@@ -167,21 +159,18 @@ def check_same_sweep(spec: SweepSpec, out: Path) -> None:
     if not path.is_file():
         return
     try:
-        before = _flat(load_sweep_spec(path).to_dict())
+        before = load_sweep_spec(path).to_dict()
     except UserError as exc:
         raise UserError(
             f"{path} cannot be read ({exc}); move it away only if {out} holds no sweep of yours"
         ) from None
-    now = _flat(spec.to_dict())
-    for key in sorted(set(before) | set(now)):
-        if any(key == k or key.startswith(k + ".") for k in RERUN_MAY_CHANGE):
-            continue
-        if before.get(key) != now.get(key):
-            raise UserError(
-                f"{out} holds sweep '{before.get('name')}' launched with {key} = "
-                f"{before.get(key)!r}, not {now.get(key)!r}; rerun with the same spec to resume "
-                "it, or choose another --out"
-            )
+    found = first_difference(before, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
+    if found is not None:
+        key, old, new = found
+        raise UserError(
+            f"{out} holds sweep '{before.get('name')}' launched with {key} = {old!r}, not "
+            f"{new!r}; rerun with the same spec to resume it, or choose another --out"
+        )
 
 
 def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
