@@ -256,3 +256,18 @@ def rerun(spec: Path, out: Path, *extra: str) -> int:
     from sweeps.cli import main
 
     return main(["sweep", str(spec), "--out", str(out), "--stage", "tune", *extra])
+
+
+def offline_runs(out: Path) -> dict[str, Any]:
+    """The W&B runs a sweep wrote offline under ``out``, read back from their logs, by run id."""
+    from sweeps.tracking import find_offline_runs, read_offline_run
+
+    return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
+    """Every entry under ``folder`` (and itself): its bytes (None for a folder) and its mtime."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
+        for p in sorted([folder, *folder.rglob("*")])
+    }

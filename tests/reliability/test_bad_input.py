@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from sweep_fixtures import TINY_SPEC, _merge
+from sweep_fixtures import TINY_SPEC, _merge, snapshot
 
 from sweeps.cli import main
 
@@ -228,14 +228,6 @@ def prior_run(folder: Path, command: str) -> Path:
     for path in [*folder.rglob("*"), folder]:
         os.utime(path, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
     return folder
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
-    """Every entry under ``folder`` (and itself): its bytes (None for a folder) and its mtime."""
-    return {
-        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-        for p in sorted([folder, *folder.rglob("*")])
-    }
 
 
 def argv_for(command: str, config: Path, run: Path, storage: str | None) -> list[str]:

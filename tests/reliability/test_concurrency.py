@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact
+from sweep_fixtures import check_exact, offline_runs
 
 from sweeps.cli import main
-from sweeps.tracking import find_offline_runs, read_offline_run
 
 OPTIMIZERS = ["sgd", "sam", "msam"]
 
 
 def check_nothing_lost(trials: dict, out) -> None:
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+    runs = offline_runs(out)
     folders = set()
     for opt, ts in trials.items():
         assert [t.number for t in ts] == list(range(len(ts))), opt  # distinct, none skipped

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, rerun
+from sweep_fixtures import check_exact, offline_runs, rerun
 
 from sweeps._studies import ensure_studies, load_study
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, resolve_storage
-from sweeps.tracking import find_offline_runs, read_offline_run
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the diverging points lie off the range
@@ -31,7 +30,7 @@ def test_huge_lr_and_huge_rho_are_pruned_as_diverged_and_the_sweep_goes_on(
 
     (trials,) = read_trials(out / "optuna.journal", "tiny", ["sam"]).values()
     check_exact({"sam": trials}, 4)
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+    runs = offline_runs(out)
     by_origin = {t.user_attrs.get("origin"): t for t in trials}
     for origin in ("huge-lr", "huge-rho"):
         trial = by_origin[origin]

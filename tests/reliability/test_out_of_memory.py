@@ -10,11 +10,10 @@ import weakref
 import pytest
 import torch
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, rerun
+from sweep_fixtures import check_exact, offline_runs, rerun
 
 import msam.trainer
 from sweeps._faults import is_out_of_memory
-from sweeps.tracking import find_offline_runs, read_offline_run
 
 
 def test_out_of_memory_fails_the_trial_releases_memory_and_the_worker_goes_on(
@@ -50,7 +49,7 @@ def test_out_of_memory_fails_the_trial_releases_memory_and_the_worker_goes_on(
     assert not (out / oom.user_attrs["trial_dir"] / "checkpoint.pt").exists()
     (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 0]
     assert retry.state == TrialState.COMPLETE and retry.params == oom.params
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+    runs = offline_runs(out)
     run = runs[oom.user_attrs["wandb_run_id"]]
     assert run.summary["status"] == "failed" and run.summary["reason"] == "out of memory"
     assert run.exit_code == 1

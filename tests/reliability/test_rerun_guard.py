@@ -4,17 +4,9 @@ while a larger budget or other final-stage settings carry on the same studies.""
 
 from __future__ import annotations
 
-from sweep_fixtures import check_exact
+from sweep_fixtures import check_exact, snapshot
 
 from sweeps.cli import main
-
-
-def snapshot(folder) -> dict:
-    return {
-        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_a_different_spec_is_refused_and_a_larger_budget_resumes(

@@ -11,16 +11,11 @@ import time
 
 import pytest
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, finished_states, rerun
+from sweep_fixtures import check_exact, finished_states, offline_runs, rerun
 
 from sweeps._signals import Interrupted, InterruptGuard
 from sweeps.cli import main
 from sweeps.finals import FlatnessSettings
-from sweeps.tracking import find_offline_runs, read_offline_run
-
-
-def offline_runs(out) -> dict:
-    return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
 
 
 def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_continues_it(

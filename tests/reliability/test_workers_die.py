@@ -12,15 +12,9 @@ import os
 import signal
 
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, finished_states, rerun
-
-from sweeps.tracking import find_offline_runs, read_offline_run
+from sweep_fixtures import check_exact, finished_states, offline_runs, rerun
 
 OPTIMIZERS = ["sgd", "sam", "msam"]
-
-
-def offline_runs(out) -> dict:
-    return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
 
 
 def metrics_lines(out, trial) -> list[str]:

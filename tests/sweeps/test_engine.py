@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from optuna.trial import TrialState
+from sweep_fixtures import offline_runs
 
 from sweeps.cli import main
 from sweeps.spec import load_sweep_spec
@@ -29,8 +30,6 @@ def finished(trials) -> list:
 
 
 def test_exact_budget_conditional_spaces_baseline_and_resume(tmp_path, write_spec, read_trials):
-    from sweeps.tracking import find_offline_runs, read_offline_run
-
     spec_path = write_spec(budget={"trials": 2})
     out = tmp_path / "run"
     assert sweep(spec_path, out) == 0
@@ -59,7 +58,7 @@ def test_exact_budget_conditional_spaces_baseline_and_resume(tmp_path, write_spe
 
     # the resolved spec is kept; each trial is one W&B run, found by the id in its user attrs
     assert load_sweep_spec(out / "spec.yaml") == load_sweep_spec(spec_path)
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+    runs = offline_runs(out)
     assert len(runs) == 6
     for opt, ts in trials.items():
         for t in ts:
@@ -85,7 +84,6 @@ def test_pruned_diverged_and_failed_trials(tmp_path, write_spec, read_trials):
     fails, is retried once with the same parameters, and the budget is still met exactly."""
     from sweeps._studies import ensure_studies, load_study
     from sweeps.storage import open_storage
-    from sweeps.tracking import find_offline_runs, read_offline_run
 
     spec_path = write_spec(
         optimizers=["sgd"],
@@ -127,7 +125,7 @@ def test_pruned_diverged_and_failed_trials(tmp_path, write_spec, read_trials):
     assert (out / "trials" / "sgd" / str(failed[0].number) / "error.txt").exists()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
-    runs = {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
+    runs = offline_runs(out)
     assert runs[diverged.user_attrs["wandb_run_id"]].summary["status"] == "diverged"
     assert "diverged at epoch 1" in runs[diverged.user_attrs["wandb_run_id"]].summary["reason"]
     pruned_run = runs[bad.user_attrs["wandb_run_id"]]
