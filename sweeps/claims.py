@@ -23,7 +23,7 @@ from typing import Any
 
 from msam.errors import UserError
 from sweeps.spec import SweepSpec
-from sweeps.stats import paired_difference, summarize
+from sweeps.results.stats import paired_difference, summarize
 
 METRICS = ("test_acc", "hessian_top_eig", "hessian_trace", "sam_sharpness")
 LABELS = {

@@ -260,7 +260,7 @@ def rerun(spec: Path, out: Path, *extra: str) -> int:
 
 def offline_runs(out: Path) -> dict[str, Any]:
     """The W&B runs a sweep wrote offline under ``out``, read back from their logs, by run id."""
-    from sweeps.tracking import find_offline_runs, read_offline_run
+    from sweeps.tracking.wandb_runs import find_offline_runs, read_offline_run
 
     return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
 

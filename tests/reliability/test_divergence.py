@@ -8,7 +8,7 @@ import pytest
 from optuna.trial import TrialState
 from sweep_fixtures import check_exact, offline_runs, rerun
 
-from sweeps._studies import ensure_studies, load_study
+from sweeps.studies import ensure_studies, load_study
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, resolve_storage
 

@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from sweep_fixtures import check_exact, offline_runs, rerun
 
 import msam.trainer
-from sweeps._faults import is_out_of_memory
+from sweeps.faults import is_out_of_memory
 
 
 def test_out_of_memory_fails_the_trial_releases_memory_and_the_worker_goes_on(
@@ -90,7 +90,7 @@ def test_a_final_run_out_of_memory_is_recorded_the_others_go_on_and_a_rerun_retr
     tmp_path, write_spec, monkeypatch
 ):
     from sweeps.cli import main
-    from sweeps.finals import FlatnessSettings
+    from sweeps.finals.run import FlatnessSettings
 
     small = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
     monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: small))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from sweeps import _launch
-from sweeps._launch import STORAGE_ENV, Slot, WorkerPool
+from sweeps.engine.launch import STORAGE_ENV, Slot, WorkerPool
 from sweeps.cli import main
 from sweeps.storage import mask_url
 

@@ -13,9 +13,9 @@ import pytest
 from optuna.trial import TrialState
 from sweep_fixtures import check_exact, finished_states, offline_runs, rerun
 
-from sweeps._signals import Interrupted, InterruptGuard
+from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.cli import main
-from sweeps.finals import FlatnessSettings
+from sweeps.finals.run import FlatnessSettings
 
 
 def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_continues_it(

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 from sweep_fixtures import check_exact, finished_states, rerun
 
 from msam.trainer import run_train
-from sweeps._studies import ensure_studies, load_study
+from sweeps.studies import ensure_studies, load_study
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, repair_journal, resolve_storage
 

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 from sweep_fixtures import check_exact
 
 from sweeps.cli import main
-from sweeps.finals import FlatnessSettings
+from sweeps.finals.run import FlatnessSettings
 
 SMALL_FLATNESS = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
 

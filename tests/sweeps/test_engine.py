@@ -82,7 +82,7 @@ def test_exact_budget_conditional_spaces_baseline_and_resume(tmp_path, write_spe
 def test_pruned_diverged_and_failed_trials(tmp_path, write_spec, read_trials):
     """A bad lr is pruned early, a huge one diverges (pruned with its reason), a trial that raises
     fails, is retried once with the same parameters, and the budget is still met exactly."""
-    from sweeps._studies import ensure_studies, load_study
+    from sweeps.studies import ensure_studies, load_study
     from sweeps.storage import open_storage
 
     spec_path = write_spec(
@@ -146,7 +146,7 @@ def test_grid_sampler_walks_the_grid(tmp_path, write_spec, read_trials):
 
 
 def test_grad_evals_budget_gives_sgd_twice_the_epochs(write_spec):
-    from sweeps._search import trial_epochs
+    from sweeps.engine.search import trial_epochs
 
     spec = load_sweep_spec(write_spec(budget={"match": "grad_evals"}))
     assert [trial_epochs(spec, o) for o in ("sgd", "sam", "msam")] == [4, 2, 2]
@@ -155,7 +155,7 @@ def test_grad_evals_budget_gives_sgd_twice_the_epochs(write_spec):
 
 
 def test_baseline_moves_into_the_search_space(write_spec):
-    from sweeps._search import baseline_params
+    from sweeps.engine.search import baseline_params
 
     spec = load_sweep_spec(
         write_spec(
@@ -204,8 +204,8 @@ def test_storage_urls():
 def test_live_view_table_on_a_terminal_and_lines_elsewhere(tmp_path, write_spec, capsys):
     from rich.console import Console
 
-    from sweeps._studies import ensure_studies
-    from sweeps.live import LiveView, best_table
+    from sweeps.studies import ensure_studies
+    from sweeps.engine.live import LiveView, best_table
     from sweeps.storage import open_storage
 
     spec = load_sweep_spec(write_spec())
@@ -233,7 +233,7 @@ def test_shipped_sweep_specs(path):
     baseline trial is a valid train config."""
     from msam.data import dataset_info
     from msam.models import check_model
-    from sweeps._search import baseline_params
+    from sweeps.engine.search import baseline_params
 
     spec = load_sweep_spec(path)
     info = dataset_info(spec.base.data.dataset)

@@ -20,8 +20,8 @@ from test_finals import (  # the shared tiny sweep and its helpers
 from msam.config import TrainConfig, parse_train_config
 from msam.errors import UserError
 from sweeps.cli import main
-from sweeps.export import export_tuned
-from sweeps.leaderboard import run_leaderboard
+from sweeps.results.export import export_tuned
+from sweeps.results.leaderboard import run_leaderboard
 
 
 @pytest.fixture(scope="session")

@@ -27,8 +27,8 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
 from msam.callbacks import Callback
-from sweeps._results import FINAL_JOB, final_dir, ranked_trials, read_finals
-from sweeps.finals import (
+from sweeps.results.read import FINAL_JOB, final_dir, ranked_trials, read_finals
+from sweeps.finals.run import (
     FlatnessSettings,
     final_epochs,
     flatness_sample,
@@ -343,13 +343,13 @@ class BrokenCallback(Callback):
 
 
 def _with_tracking(monkeypatch, callback_class) -> None:
-    module = types.ModuleType("sweeps.tracking")
+    module = types.ModuleType("sweeps.tracking.wandb_runs")
     module.WandbCallback = callback_class
-    monkeypatch.setitem(sys.modules, "sweeps.tracking", module)
+    monkeypatch.setitem(sys.modules, "sweeps.tracking.wandb_runs", module)
 
 
 def test_final_logs_a_wandb_run_with_flatness(tmp_path, monkeypatch):
-    tracking = pytest.importorskip("sweeps.tracking")
+    tracking = pytest.importorskip("sweeps.tracking.wandb_runs")
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
     job = next(j for j in plan_finals(spec, storage, tmp_path) if j.optimizer == "sgd")

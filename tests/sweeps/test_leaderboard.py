@@ -22,9 +22,9 @@ from test_finals import (  # the shared tiny sweep and its helpers
     spec_of,
 )
 
-from sweeps._results import load_sweep
+from sweeps.results.read import load_sweep
 from sweeps.cli import main
-from sweeps.leaderboard import build_leaderboard, log_leaderboard_to_wandb, run_leaderboard
+from sweeps.results.leaderboard import build_leaderboard, log_leaderboard_to_wandb, run_leaderboard
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +126,7 @@ def test_not_a_run_folder_is_a_user_error(tmp_path, capsys):
 def read_finished_run(folder) -> object:
     """The offline run once its log is complete: W&B's writer may still be flushing it for a
     moment after ``finish()`` returns."""
-    from sweeps.tracking import read_offline_run
+    from sweeps.tracking.wandb_runs import read_offline_run
 
     deadline = time.monotonic() + 30
     while True:
@@ -137,7 +137,7 @@ def read_finished_run(folder) -> object:
 
 
 def test_wandb_leaderboard_run_offline(tiny_sweep, tmp_path, monkeypatch):
-    pytest.importorskip("sweeps.tracking")
+    pytest.importorskip("sweeps.tracking.wandb_runs")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # a key in the environment must not leak
     run_dir = copy_sweep(tiny_sweep, tmp_path)

@@ -20,9 +20,9 @@ from test_finals import (  # the shared tiny sweep and its helpers
     spec_of,
 )
 
-from sweeps._results import load_sweep
-from sweeps.leaderboard import build_leaderboard
-from sweeps.report import build_figures, importances, write_report
+from sweeps.results.read import load_sweep
+from sweeps.results.leaderboard import build_leaderboard
+from sweeps.results.report import build_figures, importances, write_report
 
 
 @pytest.fixture(scope="session")

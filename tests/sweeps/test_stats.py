@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from sweeps.stats import compare_optimizers, holm_adjust, paired_difference, summarize
+from sweeps.results.stats import compare_optimizers, holm_adjust, paired_difference, summarize
 
 # Student t quantiles from a table (not from scipy): t(0.975, df) and t(0.95, 2).
 T975 = {1: 12.706204736174707, 2: 4.302652729911275}

@@ -8,7 +8,7 @@ import pytest
 from msam.config import parse_train_config
 from msam.errors import UserError
 from msam.trainer import run_train
-from sweeps.tracking import (
+from sweeps.tracking.wandb_runs import (
     HISTORY_KEYS,
     WandbCallback,
     find_offline_runs,

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 from msam.errors import UserError
-from sweeps._launch import STORAGE_ENV
-from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
+from sweeps.engine.launch import STORAGE_ENV
+from sweeps.cli._common import add_set_option, load_entry, not_built, preflight
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -105,7 +105,7 @@ def _check_parallelism(args: argparse.Namespace) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     _check_parallelism(args)
     spec = _load_spec(args)
-    engine = load_entry("sweeps.engine", "run_sweep")
+    engine = load_entry("sweeps.engine.sweep", "run_sweep")
     if engine is None:
         return not_built("sweep", "the sweep engine")
     return int(engine(spec, args) or 0)
@@ -128,7 +128,7 @@ def _worker_storage(args: argparse.Namespace) -> str:
 def run_worker(args: argparse.Namespace) -> int:
     args.storage = _worker_storage(args)
     spec = _load_spec(args)
-    engine = load_entry("sweeps.engine", "run_worker")
+    engine = load_entry("sweeps.engine.sweep", "run_worker")
     if engine is None:
         return not_built("worker", "the sweep engine")
     return int(engine(spec, args) or 0)

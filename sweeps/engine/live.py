@@ -17,7 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sweeps._studies import StudyCounts, count_trials, study_name
+from sweeps.studies import StudyCounts, count_trials, study_name
 from sweeps.spec import SweepSpec
 
 __all__ = ["LiveView", "best_table", "progress_line", "progress_table", "snapshot"]

@@ -2,7 +2,7 @@
 
 A sweep runs stages in order: ``tune`` (one Optuna study per optimizer, equal budgets, workers
 sharing the storage), then ``final`` and ``leaderboard`` when their modules exist
-(``sweeps.finals.run_finals``, ``sweeps.leaderboard.run_leaderboard``), so later stages plug in
+(``sweeps.finals.run_finals``, ``sweeps.results.leaderboard.run_leaderboard``), so later stages plug in
 without touching the engine. Rerunning the same command resumes: finished trials stay, trials of
 vanished workers are failed and redone, and every study ends with exactly its budget of finished
 trials. SGD vs SAM (Foret et al., 2021) vs mSAM (Behdin et al., 2023) is the comparison served.
@@ -26,11 +26,11 @@ import yaml
 
 from msam.config import first_difference
 from msam.errors import UserError
-from sweeps._launch import Slot, WorkerPool, plan_slots, worker_threads
-from sweeps._signals import Interrupted, InterruptGuard
-from sweeps._studies import ensure_studies, load_study, make_stale_callback, reap_lost_trials
-from sweeps._worker import Worker
-from sweeps.live import LiveView, best_table, snapshot
+from sweeps.engine.launch import Slot, WorkerPool, plan_slots, worker_threads
+from sweeps.engine.signals import Interrupted, InterruptGuard
+from sweeps.studies import ensure_studies, load_study, make_stale_callback, reap_lost_trials
+from sweeps.engine.worker import Worker
+from sweeps.engine.live import LiveView, best_table, snapshot
 from sweeps.spec import SweepSpec
 from sweeps.storage import StorageRef, open_storage, resolve_storage
 
@@ -97,7 +97,7 @@ def _stage_tune(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
 
 
 def _stage_final(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
-    finals = _optional("sweeps.finals", "run_finals")
+    finals = _optional("sweeps.finals.run", "run_finals")
     if finals is None or spec.final.seeds == 0:
         return 0
     with InterruptGuard() as guard:  # Ctrl-C / SIGTERM: the running final keeps its checkpoint
@@ -113,7 +113,7 @@ def _stage_final(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int
 
 
 def _stage_leaderboard(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
-    board = _optional("sweeps.leaderboard", "run_leaderboard")
+    board = _optional("sweeps.results.leaderboard", "run_leaderboard")
     if board is None:
         return 0
     ref: StorageRef | None = getattr(args, "storage_ref", None)

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from msam.errors import UserError
-from sweeps._results import TUNED_DIR, SweepResults, load_sweep, package_versions
+from sweeps.results.read import TUNED_DIR, SweepResults, load_sweep, package_versions
 
 __all__ = ["export_tuned", "tuned_config", "tuned_path", "tuned_text", "write_tuned"]
 
@@ -38,7 +38,7 @@ def _one_line(text: Any) -> str:
 
 def tuned_config(results: SweepResults, row: Any) -> Any:
     """The TrainConfig of a leaderboard row's configuration, as the final runs trained it."""
-    from sweeps.finals import final_epochs
+    from sweeps.finals.run import final_epochs
 
     spec = results.spec
     params = {**row.params, "train.seed": 0}
@@ -117,7 +117,7 @@ def export_tuned(run_dir: str | Path, to: str | Path, *, force: bool = False) ->
     source = run_dir / TUNED_DIR
     files = sorted(source.glob("*.yaml")) if source.is_dir() else []
     if not files:
-        from sweeps.leaderboard import build_leaderboard
+        from sweeps.results.leaderboard import build_leaderboard
 
         results = load_sweep(run_dir)
         if results.spec is None:

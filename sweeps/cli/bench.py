@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from sweeps.commands._common import add_set_option
+from sweeps.cli._common import add_set_option
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

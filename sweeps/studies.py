@@ -19,8 +19,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from sweeps._faults import OUT_OF_MEMORY
-from sweeps._search import baseline_params, grid_points
+from sweeps.faults import OUT_OF_MEMORY
+from sweeps.engine.search import baseline_params, grid_points
 from sweeps.spec import SweepSpec
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Any number of workers, in any number of processes and machines, share a sweep through its
 storage. Picking the study with the most open slots keeps all optimizers progressing together; the
-budget rule of :mod:`sweeps._studies` keeps each study at exactly ``budget.trials`` finished
+budget rule of :mod:`sweeps.studies` keeps each study at exactly ``budget.trials`` finished
 trials. A worker ends when every study is done (or gave up after repeated errors).
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps._search import make_pruner, make_sampler
-from sweeps._signals import InterruptGuard
-from sweeps._studies import (
+from sweeps.engine.search import make_pruner, make_sampler
+from sweeps.engine.signals import InterruptGuard
+from sweeps.studies import (
     StudyCounts,
     count_trials,
     load_study,
@@ -25,9 +25,9 @@ from sweeps._studies import (
     reap_lost_trials,
     trials_ahead,
 )
-from sweeps._trial import TrialRunner
+from sweeps.engine.trial import TrialRunner
 from sweeps.spec import SweepSpec
-from sweeps.tracking import start_service
+from sweeps.tracking.wandb_runs import start_service
 
 __all__ = ["Worker", "error_limit"]
 

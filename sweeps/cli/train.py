@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sweeps.commands._common import add_set_option, load_entry, not_built, preflight
+from sweeps.cli._common import add_set_option, load_entry, not_built, preflight
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
 def tracking_callbacks(cfg, out_dir: Path) -> list:
     """A W&B run (job_type train, under ``out_dir/wandb``) when ``tracking.wandb`` asks for one."""
-    from sweeps.tracking import WandbCallback
+    from sweeps.tracking.wandb_runs import WandbCallback
 
     if cfg.tracking.wandb.mode == "disabled":
         return []

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sweeps._results import SweepResults
+from sweeps.results.read import SweepResults
 
 __all__ = ["build_figures", "render_report", "write_report"]
 

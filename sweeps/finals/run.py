@@ -5,7 +5,7 @@ For each optimizer the ``final.top_k`` best COMPLETE trials (by validation accur
 distinct configuration) are retrained with ``train.seed = k`` for ``k in range(final.seeds)`` on
 the training set including the validation part, then evaluated on the test set once. Seed ``k``
 gives every optimizer the same initial weights and the same batches, so SGD, SAM (Foret et al.,
-2021) and mSAM (Behdin et al., 2023) runs pair by seed (see ``sweeps.stats``).
+2021) and mSAM (Behdin et al., 2023) runs pair by seed (see ``sweeps.results.stats``).
 
 Each final model is also measured for flatness on one fixed, unaugmented sample of the training
 data, the same for every run (``msam.flatness``): the top Hessian eigenvalue, the Hessian trace and
@@ -42,8 +42,8 @@ from typing import Any
 
 from msam.callbacks import Callback
 from msam.errors import UserError
-from sweeps._faults import failure_reason, release_memory
-from sweeps._results import (
+from sweeps.faults import failure_reason, release_memory
+from sweeps.results.read import (
     FINAL_JOB,
     FINALS_DIR,
     FinalRecord,
@@ -348,7 +348,7 @@ def final_tracker(job: FinalJob, spec: Any, run_dir: Path) -> _Guarded | None:
     if job.cfg.tracking.wandb.mode == "disabled":
         return None
     try:
-        from sweeps.tracking import WandbCallback
+        from sweeps.tracking.wandb_runs import WandbCallback
     except ImportError:
         return None
     name = f"{spec.name}-{final_label(job.optimizer, job.rank)}-seed{job.seed}"

@@ -5,12 +5,12 @@ hyperparameters and their validation accuracy, how many trials finished, were pr
 the final runs' test accuracy over seeds (mean ± std, 95% t-interval), flatness of the final
 models (msam.flatness) and their cost (wall seconds, gradient evaluations per update, images/s).
 Below it, paired comparisons by seed (mSAM−SAM, SAM−SGD, mSAM−SGD) with Holm-adjusted p-values
-(sweeps.stats) and a verdict that says plainly when a gap is not significant: the mSAM paper
+(sweeps.results.stats) and a verdict that says plainly when a gap is not significant: the mSAM paper
 (Behdin et al., 2023) claims mSAM > SAM (Foret et al., 2021) > SGD, and a handful of seeds often
 cannot tell.
 
 Outputs: a rich table in the terminal, ``leaderboard.md`` and ``leaderboard.json`` in the run
-folder, ``report.html`` (sweeps.report), ``tuned/*.yaml`` (sweeps.export) and, at the end of a
+folder, ``report.html`` (sweeps.results.report), ``tuned/*.yaml`` (sweeps.results.export) and, at the end of a
 sweep, a W&B run with ``job_type=leaderboard``. Without finals it shows tuning results only and
 says so.
 """
@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps._results import (
+from sweeps.results.read import (
     FinalRecord,
     SweepResults,
     json_safe,
@@ -40,7 +40,7 @@ from sweeps._results import (
     shown_storage,
     sweep_names,
 )
-from sweeps.stats import PairedDiff, Summary, compare_optimizers, summarize
+from sweeps.results.stats import PairedDiff, Summary, compare_optimizers, summarize
 
 __all__ = [
     "FLATNESS_KEYS",
@@ -549,7 +549,7 @@ def log_leaderboard_to_wandb(board: Leaderboard, results: SweepResults) -> str |
     other run of the sweep). Returns the run's folder; W&B trouble is a warning and gives None.
     """
     try:
-        from sweeps.tracking import WandbCallback
+        from sweeps.tracking.wandb_runs import WandbCallback
     except ImportError:
         return None
     spec = results.spec
@@ -604,11 +604,11 @@ def publish(
         return board
     write_leaderboard(board, run_dir)
     if report:
-        from sweeps.report import write_report
+        from sweeps.results.report import write_report
 
         write_report(results, board, run_dir / REPORT)
     if tuned and results.spec is not None:
-        from sweeps.export import write_tuned
+        from sweeps.results.export import write_tuned
 
         write_tuned(results, board, run_dir)
     if wandb:

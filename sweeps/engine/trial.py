@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
-from sweeps._faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
-from sweeps._search import suggest_params, trial_epochs
-from sweeps._signals import Interrupted, InterruptGuard
-from sweeps._studies import fail_trial, requeue, study_name
+from sweeps.faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
+from sweeps.engine.search import suggest_params, trial_epochs
+from sweeps.engine.signals import Interrupted, InterruptGuard
+from sweeps.studies import fail_trial, requeue, study_name
 from sweeps.spec import SweepSpec
 from sweeps.storage import heartbeat
-from sweeps.tracking import WandbCallback
+from sweeps.tracking.wandb_runs import WandbCallback
 
 __all__ = ["PruningCallback", "TrialRunner", "trial_dir"]
 

@@ -1,6 +1,6 @@
 """The ``msam`` command line: train, sweep, worker, leaderboard, export, sync, bench.
 
-Each subcommand lives in its own module under ``sweeps.commands``. Errors a user causes print
+Each subcommand lives in its own module under ``sweeps.cli``. Errors a user causes print
 ``error: <one line>`` on stderr and exit with status 2 before any work starts; Ctrl-C exits 130.
 """
 
@@ -34,7 +34,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sweeps.commands import COMMAND_MODULES
+    from sweeps.cli import bench, results, sweep, train
 
     parser = _Parser(
         prog="msam",
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"msam {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMAND_MODULES:
+    for module in (train, sweep, results, bench):  # order of ``msam --help``
         module.register(subparsers)
     return parser
 
