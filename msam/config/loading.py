@@ -1,0 +1,150 @@
+"""Reading a train config: YAML (duplicate keys refused), ``--set a.b=value`` overrides,
+validation into :class:`~msam.config.schema.TrainConfig`, and the comparison of two resolved
+configs that resuming a checkpoint and the sweep's rerun guard both rely on.
+
+Every problem a user causes is a one-line :class:`msam.errors.UserError` (see
+``msam.config.messages``).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from msam.config.messages import kind_of, one_line, user_error_from_validation, yaml_error_message
+from msam.config.schema import TrainConfig
+from msam.errors import UserError
+
+__all__ = [
+    "apply_overrides",
+    "first_difference",
+    "load_train_config",
+    "load_yaml",
+    "parse_train_config",
+]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that rejects duplicate keys, which plain YAML silently resolves to the last one."""
+
+
+def _construct_unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if isinstance(key, Iterable) and not isinstance(key, str):
+            continue  # unhashable keys: let the normal constructor report them
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping
+)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping; any problem is a one-line UserError."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, expected a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {one_line(str(exc))}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise UserError(yaml_error_message(path, exc)) from None
+    if data is None:
+        raise UserError(f"{path}: file is empty")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of keys (got a {kind_of(data)})")
+    return data
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _parse_value(text: str) -> Any:
+    """YAML scalar rules, plus '1e-3' as a float (YAML 1.1 reads it as a string)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
+
+
+def apply_overrides(raw: Mapping[str, Any], sets: Sequence[str]) -> dict[str, Any]:
+    """Apply ``--set a.b=value`` overrides to a copy of ``raw``; values are parsed as YAML.
+
+    Unknown paths are created as given so that validation reports them with a did-you-mean.
+    """
+    out = copy.deepcopy(dict(raw))
+    for item in sets:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(part.strip() for part in parts):
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. optim.lr=0.1")
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise UserError(f"--set {item!r}: {where} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return out
+
+
+def _dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; an empty mapping stays a value of its own."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_dotted(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def first_difference(
+    before: Mapping[str, Any], after: Mapping[str, Any], *, ignore: Iterable[str] = ()
+) -> tuple[str, Any, Any] | None:
+    """The first dotted key (in sorted order) where two resolved configs differ, with both
+    values; keys under ``ignore`` (``"final"`` covers ``final.seeds``) do not count."""
+    ignored = tuple(ignore)
+    old, new = _dotted(before), _dotted(after)
+    for key in sorted(set(old) | set(new)):
+        if any(key == k or key.startswith(k + ".") for k in ignored):
+            continue
+        if old.get(key) != new.get(key):
+            return key, old.get(key), new.get(key)
+    return None
+
+
+def parse_train_config(raw: Any, *, source: str = "config") -> TrainConfig:
+    """Validate a raw mapping (from YAML plus overrides); problems become a one-line UserError."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise user_error_from_validation(exc, TrainConfig, source) from None
+
+
+def load_train_config(path: str | Path, sets: Sequence[str] = ()) -> TrainConfig:
+    """Read, override and validate a train config file in one step, as ``msam train`` does."""
+    raw = apply_overrides(load_yaml(path), sets)
+    return parse_train_config(raw, source=str(path))
