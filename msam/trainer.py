@@ -29,6 +29,7 @@ from msam._backward import backward
 from msam.callbacks import Callback, CallbackList
 from msam.config import TrainConfig, first_difference
 from msam.errors import UserError
+from msam.optim import grad_evals_per_update as optim_grad_evals
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -70,8 +71,9 @@ def resolve_amp(mode: str, device: torch.device) -> torch.dtype | None:
 
 
 def grad_evals_per_update(cfg: TrainConfig) -> int:
-    """Forward-backward passes over the whole mini-batch per update: SGD 1, SAM and mSAM 2."""
-    return 1 if cfg.optim.name == "sgd" or cfg.optim.rho == 0 else 2
+    """Forward-backward passes over the whole mini-batch per update of ``cfg``'s optimizer
+    (:func:`msam.optim.grad_evals_per_update`): SGD 1, SAM and mSAM 2."""
+    return optim_grad_evals(cfg.optim.name, cfg.optim.rho)
 
 
 def _sharpness_args(cfg: TrainConfig) -> tuple[float, int]:
