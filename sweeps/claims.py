@@ -16,14 +16,15 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
 
 from msam.errors import UserError
-from sweeps.spec import SweepSpec
+from sweeps.finals.flatness import FlatnessSettings, flatness_sample, measure_flatness
 from sweeps.results.stats import paired_difference, summarize
+from sweeps.spec import SweepSpec
 
 METRICS = ("test_acc", "hessian_top_eig", "hessian_trace", "sam_sharpness")
 LABELS = {
@@ -65,13 +66,9 @@ def run_one(
     lr: float,
     rho: float,
     epochs: int | None,
-    flatness: Mapping[str, int],
+    flatness: FlatnessSettings,
 ) -> dict[str, Any]:
     """Train one method and seed on train + validation; test once; measure flatness."""
-    import torch
-
-    from msam.data import build_data
-    from msam.flatness import fixed_sample, flatness_report
     from msam.trainer import run_train
 
     params: dict[str, Any] = {"lr": lr, "train.seed": seed}
@@ -99,38 +96,13 @@ def run_one(
     }
     if result.status != "complete" or result.model is None:
         return row
-    # The same unaugmented training sample for every run: flatness of the training loss.
-    data = build_data(
-        cfg.data.dataset,
-        root=cfg.data.root,
-        val_fraction=cfg.data.val_fraction,
-        subset=cfg.data.subset,
-        augment=False,
-        batch_size=cfg.train.batch_size,
-        split_seed=cfg.data.split_seed,
-        device=next(result.model.parameters()).device,
-        final=True,
-        synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
-    )
-    sample = fixed_sample(list(_plain_batches(data.train)), flatness["images"], seed=0)
-    report = flatness_report(
-        result.model,
-        torch.nn.functional.cross_entropy,
-        sample,
-        rho=rho,
-        iters=flatness["iters"],
-        samples=flatness["samples"],
-        seed=0,
-    )
+    # The sample and the measurement of the final stage, at one rho for every arm.
+    sample = flatness_sample(cfg, flatness)
+    report = measure_flatness(result.model, sample, rho=rho, adaptive=False, settings=flatness)
     row.update({k: report[k] for k in ("hessian_top_eig", "hessian_trace", "sam_sharpness")})
     row["flatness_rho"] = rho
     row["flatness_images"] = report["n_images"]
     return row
-
-
-def _plain_batches(loader):
-    loader.set_epoch(0)
-    yield from loader
 
 
 def summarize_rows(rows: Sequence[Mapping[str, Any]], order: Sequence[str]) -> dict[str, Any]:
@@ -316,11 +288,15 @@ def run(
     micro_batches: Sequence[int] = (2, 4, 8, 16, 32),
     seeds: int = 3,
     epochs: int | None = None,
-    flatness: Mapping[str, int] | None = None,
+    flatness: FlatnessSettings | None = None,
     command: str = "",
 ) -> dict[str, Any]:
-    """Run (or resume) every method x seed; write results.json, README.md, plots under ``out``."""
-    flat = {"images": 256, "iters": 10, "samples": 10, **(flatness or {})}
+    """Run (or resume) every method x seed; write results.json, README.md, plots under ``out``.
+
+    Flatness is measured as in the final stage, with the spec's ``final.flatness`` unless
+    ``flatness`` says otherwise.
+    """
+    flat = flatness or FlatnessSettings.from_spec(spec)
     lr = lr if lr is not None else spec.base.optim.lr
     rho = rho if rho is not None else spec.base.optim.rho
     if lr <= 0 or rho <= 0:
@@ -363,7 +339,7 @@ def run(
         "rho": rho,
         "seeds": seeds,
         "epochs": epochs or spec.base.train.epochs,
-        "flatness": flat,
+        "flatness": asdict(flat),
         "runs": rows,
         "summary": summarize_rows(rows, [a.label for a in arms]),
     }
@@ -383,9 +359,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--micro-batches", default="2,4,8,16,32", metavar="M,M,...")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="override the spec's epochs")
-    parser.add_argument("--flatness-images", type=int, default=256)
-    parser.add_argument("--flatness-iters", type=int, default=10)
-    parser.add_argument("--flatness-samples", type=int, default=10)
+    parser.add_argument("--flatness-images", type=int, help="default: the spec's final.flatness")
+    parser.add_argument("--flatness-iters", type=int, help="default: the spec's final.flatness")
+    parser.add_argument("--flatness-samples", type=int, help="default: the spec's final.flatness")
 
 
 def _tuned_lr_rho(run_dir: str) -> tuple[float, float]:
@@ -396,6 +372,19 @@ def _tuned_lr_rho(run_dir: str) -> tuple[float, float]:
         raise UserError(f"--tuned {run_dir}: no tuned/*-sam.yaml there (run the sweep first)")
     cfg = load_train_config(found[0])
     return cfg.optim.lr, cfg.optim.rho
+
+
+def _flatness_from_args(spec: SweepSpec, args) -> FlatnessSettings:
+    settings = FlatnessSettings.from_spec(spec)
+    given = {
+        "n_images": args.flatness_images,
+        "iters": args.flatness_iters,
+        "samples": args.flatness_samples,
+    }
+    for key, value in given.items():
+        if value is not None and value < (0 if key == "n_images" else 1):
+            raise UserError(f"--flatness-{key.removeprefix('n_')}: must be positive (got {value})")
+    return replace(settings, **{k: v for k, v in given.items() if v is not None})
 
 
 def run_from_args(spec: SweepSpec, args, out: Path, command: str) -> int:
@@ -415,11 +404,7 @@ def run_from_args(spec: SweepSpec, args, out: Path, command: str) -> int:
         micro_batches=ms,
         seeds=args.seeds,
         epochs=args.epochs,
-        flatness={
-            "images": args.flatness_images,
-            "iters": args.flatness_iters,
-            "samples": args.flatness_samples,
-        },
+        flatness=_flatness_from_args(spec, args),
         command=command,
     )
     print(markdown(result))

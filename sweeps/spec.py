@@ -37,6 +37,7 @@ from msam.config import (
 __all__ = [
     "Budget",
     "FinalStage",
+    "Flatness",
     "MicroBatchChoices",
     "ParamSpace",
     "SearchSpace",
@@ -165,7 +166,7 @@ class Budget(Section):
     match: Literal["epochs", "grad_evals"] = Field(
         "epochs",
         description="what equal budgets mean: equal epochs, or equal gradient evaluations "
-        "(SAM/mSAM then get fewer epochs, since each update costs two passes)",
+        "(SGD then trains twice the epochs of SAM/mSAM, whose updates cost two passes)",
     )
 
     @field_validator("pruner", mode="before")
@@ -174,10 +175,29 @@ class Budget(Section):
         return "none" if value is None or value is False else value
 
 
+class Flatness(Section):
+    """How hard the final stage looks at each final model's curvature (``msam.flatness``)."""
+
+    images: Int = Field(
+        512, ge=0, description="fixed, unaugmented training images measured (0 = no flatness)"
+    )
+    batch_size: Int = Field(
+        256, ge=1, description="images per Hessian-vector-product batch (memory, not the result)"
+    )
+    iters: Int = Field(
+        20, ge=1, description="power-iteration steps (Hessian-vector products), top eigenvalue"
+    )
+    samples: Int = Field(10, ge=1, description="Rademacher probes of Hutchinson's trace estimate")
+    seed: Int = Field(0, ge=0, description="picks the images and probes; the same for every run")
+
+
 class FinalStage(Section):
     top_k: Int = Field(1, ge=1, description="best configurations per optimizer re-run on test")
     seeds: Int = Field(3, ge=0, description="seeds per configuration (0 skips the final stage)")
     epochs: Int | None = Field(None, ge=1, description="epochs of final runs; null = base's")
+    flatness: Flatness = Field(
+        default_factory=Flatness, description="flatness measured on every final model"
+    )
 
 
 class SweepSpec(Section):

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from msam.errors import UserError
+from sweeps.layout import JOURNAL_FILE, RunFolder
 
 __all__ = [
     "HEARTBEAT_GRACE_S",
@@ -40,7 +41,6 @@ __all__ = [
     "resolve_storage",
 ]
 
-JOURNAL_FILE = "optuna.journal"
 #: Seconds between a running trial's heartbeats in an RDB storage.
 HEARTBEAT_INTERVAL_S = 20
 #: Seconds without a heartbeat after which another worker fails the trial and retries it.
@@ -88,7 +88,7 @@ def _scheme(text: str) -> str | None:
 def resolve_storage(storage: str | None, out: Path) -> StorageRef:
     """Name the storage of a sweep: ``None`` is ``<out>/optuna.journal``; a URL or a path."""
     if not storage:
-        return StorageRef("journal", str(Path(out) / JOURNAL_FILE))
+        return StorageRef("journal", str(RunFolder(out).journal))
     scheme = _scheme(storage)
     if scheme is None:
         return StorageRef("journal", str(Path(storage)))

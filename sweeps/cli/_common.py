@@ -1,4 +1,4 @@
-"""Shared pieces of the subcommands: pre-flight checks and lazily loaded implementations.
+"""Shared pieces of the subcommands: the ``--set`` option, pre-flight checks, folder checks.
 
 Heavy modules (torch, timm, optuna, wandb) are imported only inside these functions, so that
 ``msam --help`` and config errors answer at once.
@@ -7,9 +7,6 @@ Heavy modules (torch, timm, optuna, wandb) are imported only inside these functi
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +22,6 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config value, e.g. --set optim.lr=0.05 (repeatable; YAML values)",
     )
-
-
-def load_entry(module: str, attr: str) -> Callable[..., Any] | None:
-    """``module.attr`` if that module exists; None while it is not written yet.
-
-    Only the absence of the module itself counts as "not built": an import error inside it is a
-    bug and propagates.
-    """
-    try:
-        loaded = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
-            return None
-        raise
-    return getattr(loaded, attr, None)
-
-
-def not_built(command: str, what: str) -> int:
-    print(f"msam {command}: {what} is not built yet", file=sys.stderr)
-    return 1
 
 
 def preflight(
@@ -74,27 +51,20 @@ def preflight(
 
     check_model_name(model)
     check_optimizer_name(base_optimizer)
-    resolve_device = load_entry("msam.trainer", "resolve_device")
-    if resolve_device is not None:
-        check_strategy(strategy, resolve_device(device).type)
-    check_data = load_entry("msam.data", "check_data_available")
-    if check_data is None:
-        return
-    check_data(dataset, root, synthetic=synthetic)
-    check_fits = load_entry("msam.data", "check_data_fits")
-    if check_fits is not None:
-        check_fits(
-            dataset,
-            root,
-            val_fraction=val_fraction,
-            subset=subset,
-            batch_size=batch_size,
-            synthetic=synthetic,
-            img_size=img_size,
-        )
-    dataset_info = load_entry("msam.data", "dataset_info")
-    if dataset_info is None:
-        return
+    from msam.data import check_data_available, check_data_fits, dataset_info
+    from msam.trainer import resolve_device
+
+    check_strategy(strategy, resolve_device(device).type)
+    check_data_available(dataset, root, synthetic=synthetic)
+    check_data_fits(
+        dataset,
+        root,
+        val_fraction=val_fraction,
+        subset=subset,
+        batch_size=batch_size,
+        synthetic=synthetic,
+        img_size=img_size,
+    )
     info = dataset_info(dataset, root, synthetic=synthetic, img_size=img_size)
     check_model(
         model,

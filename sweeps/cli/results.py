@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from sweeps.cli._common import existing_dir, load_entry, not_built
+from sweeps.cli._common import existing_dir
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,24 +36,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_leaderboard(args: argparse.Namespace) -> int:
-    run_dir = existing_dir(args.run_dir, "run")
-    show = load_entry("sweeps.results.leaderboard", "run_leaderboard")
-    if show is None:
-        return not_built("leaderboard", "the leaderboard")
-    return int(show(run_dir, storage=args.storage) or 0)
+    from sweeps.results import run_leaderboard as show
+
+    return show(existing_dir(args.run_dir, "run"), storage=args.storage)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    run_dir = existing_dir(args.run_dir, "run")
-    export = load_entry("sweeps.results.export", "export_tuned")
-    if export is None:
-        return not_built("export", "the exporter")
-    return int(export(run_dir, to=args.to) or 0)
+    from sweeps.results import export_tuned
+
+    return export_tuned(existing_dir(args.run_dir, "run"), to=args.to)
 
 
 def run_sync(args: argparse.Namespace) -> int:
-    run_dir = existing_dir(args.run_dir, "run")
-    sync = load_entry("sweeps.tracking.wandb_runs", "sync_run")
-    if sync is None:
-        return not_built("sync", "W&B sync")
-    return int(sync(run_dir) or 0)
+    from sweeps.tracking import sync_run
+
+    return sync_run(existing_dir(args.run_dir, "run"))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from msam.errors import UserError
+from sweeps.cli._common import add_set_option, preflight
 from sweeps.engine.launch import STORAGE_ENV
-from sweeps.cli._common import add_set_option, load_entry, not_built, preflight
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -52,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_spec(args: argparse.Namespace):
+    """The validated spec, with its model, data and device checked before any work."""
     from sweeps.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec, args.sets)
@@ -71,44 +71,49 @@ def _load_spec(args: argparse.Namespace):
         small_input=base.model.small_input,
         model_kwargs=base.model.kwargs,
     )
-    args.out = Path(args.out) if args.out else Path("runs") / spec.name
     return spec
 
 
-def parse_gpus(text: str) -> list[int]:
-    """``"0,1"`` -> ``[0, 1]``; anything else is a UserError."""
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """``"0,1"`` -> ``(0, 1)``; anything else is a UserError."""
     try:
         gpus = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         gpus = []
     if not gpus or min(gpus) < 0 or len(set(gpus)) != len(gpus):
         raise UserError(f"--gpus {text!r}: expected distinct GPU indices such as 0,1")
-    return gpus
+    return tuple(gpus)
 
 
-def _check_parallelism(args: argparse.Namespace) -> None:
+def _slots(args: argparse.Namespace):
+    """The worker slots ``--workers`` / ``--gpus --per-gpu`` ask for, checked."""
+    from sweeps.run import plan_slots
+
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1 (got {args.workers})")
     if args.per_gpu is not None and args.gpus is None:
         raise UserError("--per-gpu needs --gpus")
     if args.per_gpu is not None and args.per_gpu < 1:
         raise UserError(f"--per-gpu must be >= 1 (got {args.per_gpu})")
-    args.gpus = parse_gpus(args.gpus) if args.gpus is not None else None
-    parallel = (args.workers or 1) > 1 or args.gpus is not None
+    gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+    slots = plan_slots(args.workers, gpus, args.per_gpu)
+    parallel = len(slots) > 1 or gpus is not None
     if parallel and args.storage and args.storage.startswith("sqlite"):
         raise UserError(
             "--storage sqlite cannot take several writers ('database is locked'); "
             "use the default journal file or a postgresql:// URL"
         )
+    return slots
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    _check_parallelism(args)
+    from sweeps.engine import run_sweep as engine_run_sweep
+    from sweeps.run import SweepRun
+
+    slots = _slots(args)
     spec = _load_spec(args)
-    engine = load_entry("sweeps.engine.sweep", "run_sweep")
-    if engine is None:
-        return not_built("sweep", "the sweep engine")
-    return int(engine(spec, args) or 0)
+    run = SweepRun.create(spec, args.out, args.storage, slots=slots, stage=args.stage)
+    return engine_run_sweep(run)
 
 
 def _worker_storage(args: argparse.Namespace) -> str:
@@ -126,9 +131,10 @@ def _worker_storage(args: argparse.Namespace) -> str:
 
 
 def run_worker(args: argparse.Namespace) -> int:
-    args.storage = _worker_storage(args)
+    from sweeps.engine import run_worker as engine_run_worker
+    from sweeps.run import SweepRun
+
+    storage = _worker_storage(args)
     spec = _load_spec(args)
-    engine = load_entry("sweeps.engine.sweep", "run_worker")
-    if engine is None:
-        return not_built("worker", "the sweep engine")
-    return int(engine(spec, args) or 0)
+    run = SweepRun.create(spec, args.out, storage, worker_index=args.worker_index)
+    return engine_run_worker(run)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sweeps.cli._common import add_set_option, load_entry, not_built, preflight
+from sweeps.cli._common import add_set_option, preflight
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,9 +42,8 @@ def run(args: argparse.Namespace) -> int:
         small_input=cfg.model.small_input,
         model_kwargs=cfg.model.kwargs,
     )
-    run_train = load_entry("msam.trainer", "run_train")
-    if run_train is None:
-        return not_built("train", "the trainer")
+    from msam.trainer import run_train
+
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name
     callbacks = tracking_callbacks(cfg, out_dir)
     result = run_train(cfg, out_dir=out_dir, resume=args.resume, callbacks=callbacks)
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def tracking_callbacks(cfg, out_dir: Path) -> list:
     """A W&B run (job_type train, under ``out_dir/wandb``) when ``tracking.wandb`` asks for one."""
-    from sweeps.tracking.wandb_runs import WandbCallback
+    from sweeps.tracking import WandbCallback
 
     if cfg.tracking.wandb.mode == "disabled":
         return []

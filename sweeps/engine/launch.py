@@ -17,12 +17,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["STORAGE_ENV", "Slot", "WorkerPool", "plan_slots", "worker_threads"]
+from sweeps.layout import RunFolder
+from sweeps.run import Slot
+
+__all__ = ["STORAGE_ENV", "WorkerPool", "worker_threads"]
 
 #: Seconds workers get to fail their trials and finish their W&B runs after a stop signal.
 STOP_TIMEOUT_S = 60
@@ -30,20 +32,6 @@ STOP_TIMEOUT_S = 60
 THREADS_ENV = "MSAM_WORKER_THREADS"
 #: Environment variable giving ``msam worker`` its storage when ``--storage`` is absent.
 STORAGE_ENV = "MSAM_STORAGE"
-
-
-@dataclass(frozen=True)
-class Slot:
-    index: int
-    gpu: int | None = None
-
-
-def plan_slots(workers: int | None, gpus: list[int] | None, per_gpu: int | None) -> list[Slot]:
-    """``--workers N`` -> N CPU slots; ``--gpus 0,1 --per-gpu K`` -> K slots on each GPU."""
-    if gpus:
-        per = per_gpu or 1
-        return [Slot(i, gpu) for i, (gpu, _) in enumerate((g, k) for g in gpus for k in range(per))]
-    return [Slot(i) for i in range(workers or 1)]
 
 
 def worker_threads() -> int:
@@ -61,21 +49,22 @@ def worker_threads() -> int:
 class WorkerPool:
     """Starts the workers, watches them, and stops them on a signal."""
 
-    def __init__(self, slots: list[Slot], spec_path: Path, storage_arg: str, out: Path) -> None:
-        self.slots = slots
-        self.spec_path = spec_path
+    def __init__(self, slots: Sequence[Slot], folder: RunFolder, storage_arg: str) -> None:
+        self.slots = list(slots)
+        self.folder = folder
+        self.spec_path = folder.spec
         self.storage_arg = storage_arg
-        self.out = Path(out)
+        self.out = folder.root
         self.procs: dict[int, subprocess.Popen] = {}
         self.exit_codes: dict[int, int] = {}
         self._stop_sent: float | None = None
 
     def log_path(self, slot: Slot) -> Path:
-        return self.out / "logs" / f"worker-{slot.index}.log"
+        return self.folder.worker_log(slot.index)
 
     def start(self) -> None:
         threads = worker_threads()
-        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self.folder.logs.mkdir(parents=True, exist_ok=True)
         for slot in self.slots:
             if self._stop_sent is not None:  # stopped while starting: start no more
                 break

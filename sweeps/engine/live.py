@@ -17,23 +17,18 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from sweeps.studies import StudyCounts, count_trials, study_name
 from sweeps.spec import SweepSpec
+from sweeps.studies import StudyCounts, count_trials, open_study
 
 __all__ = ["LiveView", "best_table", "progress_line", "progress_table", "snapshot"]
 
 
 def snapshot(spec: SweepSpec, storage: Any) -> list[StudyCounts]:
     """Trial counts of every optimizer's study (empty counts for a study not created yet)."""
-    import optuna
-
     counts = []
     for opt in spec.optimizers:
-        try:
-            study = optuna.load_study(study_name=study_name(spec.name, opt), storage=storage)
-            trials = study.get_trials(deepcopy=False)
-        except KeyError:
-            trials = []
+        study = open_study(storage, spec.name, opt)
+        trials = study.get_trials(deepcopy=False) if study is not None else []
         counts.append(count_trials(trials, opt, spec.budget.trials))
     return counts
 

@@ -13,6 +13,7 @@ import warnings
 from itertools import product
 from typing import Any
 
+from sweeps import budget
 from sweeps.spec import ParamSpace, SweepSpec
 
 __all__ = [
@@ -21,7 +22,6 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "suggest_params",
-    "trial_epochs",
 ]
 
 
@@ -126,19 +126,10 @@ def make_pruner(spec: SweepSpec, optimizer: str) -> Any:
     if kind == "median":
         startup = max(1, min(5, spec.budget.trials // 5))
         # Steps are epochs counted from 1; Optuna never prunes at a step below n_warmup_steps.
-        warmup = trial_epochs(spec, optimizer) // 3 + 1
+        warmup = budget.epochs(spec, optimizer) // 3 + 1
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=warmup)
     if kind == "hyperband":
         return optuna.pruners.HyperbandPruner(
-            min_resource=1, max_resource=trial_epochs(spec, optimizer), reduction_factor=3
+            min_resource=1, max_resource=budget.epochs(spec, optimizer), reduction_factor=3
         )
     return optuna.pruners.NopPruner()
-
-
-def trial_epochs(spec: SweepSpec, optimizer: str) -> int:
-    """Epochs of one trial: with ``budget.match: grad_evals`` SGD trains twice as long, since each
-    SAM or mSAM update costs two forward-backward passes."""
-    epochs = spec.base.train.epochs
-    if spec.budget.match == "grad_evals" and optimizer == "sgd":
-        return 2 * epochs
-    return epochs

@@ -1,24 +1,19 @@
 """The sweep engine: ``msam sweep`` (launch and supervise) and ``msam worker`` (join).
 
-A sweep runs stages in order: ``tune`` (one Optuna study per optimizer, equal budgets, workers
-sharing the storage), then ``final`` and ``leaderboard`` when their modules exist
-(``sweeps.finals.run_finals``, ``sweeps.results.leaderboard.run_leaderboard``), so later stages plug in
-without touching the engine. Rerunning the same command resumes: finished trials stay, trials of
-vanished workers are failed and redone, and every study ends with exactly its budget of finished
-trials. SGD vs SAM (Foret et al., 2021) vs mSAM (Behdin et al., 2023) is the comparison served.
+A sweep runs its stages in order: ``tune`` (one Optuna study per optimizer, equal budgets, workers
+sharing the storage), ``final`` (the best configurations over paired seeds, ``sweeps.finals``),
+then ``publish`` (leaderboard, report, tuned defaults, ``sweeps.results.publish``). Rerunning the
+same command resumes: finished trials stay, trials of vanished workers are failed and redone, and
+every study ends with exactly its budget of finished trials. SGD vs SAM (Foret et al., 2021) vs
+mSAM (Behdin et al., 2023) is the comparison served.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import inspect
 import os
 import socket
 import statistics
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,25 +21,22 @@ import yaml
 
 from msam.config import first_difference
 from msam.errors import UserError
-from sweeps.engine.launch import Slot, WorkerPool, plan_slots, worker_threads
-from sweeps.engine.signals import Interrupted, InterruptGuard
-from sweeps.studies import ensure_studies, load_study, make_stale_callback, reap_lost_trials
-from sweeps.engine.worker import Worker
+from sweeps.engine.launch import WorkerPool, worker_threads
+from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
 from sweeps.engine.live import LiveView, best_table, snapshot
-from sweeps.spec import SweepSpec
-from sweeps.storage import StorageRef, open_storage, resolve_storage
+from sweeps.engine.signals import Interrupted, InterruptGuard
+from sweeps.engine.worker import Worker
+from sweeps.finals import run_finals
+from sweeps.layout import RunFolder
+from sweeps.results import publish
+from sweeps.results.read import load_sweep
+from sweeps.run import SweepRun
+from sweeps.spec import SweepSpec, load_sweep_spec
+from sweeps.storage import open_storage
+from sweeps.studies import open_study
 
-__all__ = [
-    "STAGES",
-    "Stage",
-    "check_same_sweep",
-    "run_sweep",
-    "run_worker",
-    "tune",
-    "write_spec",
-]
+__all__ = ["RERUN_MAY_CHANGE", "check_same_sweep", "run_sweep", "run_worker", "tune", "write_spec"]
 
-SPEC_FILE = "spec.yaml"
 #: Settings a rerun may change without starting another sweep: a larger or smaller budget, the
 #: final stage, tracking, and where data and device live on this machine. Anything else (the
 #: model, the data, the search space, the sampler...) would mix two sweeps in one run folder.
@@ -59,171 +51,101 @@ RERUN_MAY_CHANGE = (
 LAUNCH_OWNERLESS_GRACE_S = 30
 
 
-@dataclass(frozen=True)
-class Stage:
-    """A step of ``msam sweep``; ``stages`` lists the ``--stage`` values that run it."""
-
-    name: str
-    stages: tuple[str, ...]
-    run: Callable[[SweepSpec, argparse.Namespace, Any], int]
-
-
-def _optional(module: str, attr: str) -> Callable[..., Any] | None:
-    """``module.attr`` when that module exists (later stages are written separately)."""
-    try:
-        loaded = importlib.import_module(module)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module == exc.name or module.startswith(exc.name + ".")):
-            return None
-        raise
-    return getattr(loaded, attr, None)
-
-
-def _exit_code(result: Any) -> int:
-    """A stage may return an exit status, or records (a list) meaning success."""
-    return result if isinstance(result, int) and not isinstance(result, bool) else 0
-
-
-def _accepted(fn: Callable[..., Any], **optional: Any) -> dict[str, Any]:
-    """The keyword arguments ``fn`` takes, so stages written separately can grow their own."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return optional
-    return {key: value for key, value in optional.items() if key in params}
-
-
-def _stage_tune(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
-    return tune(spec, args, storage)
-
-
-def _stage_final(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
-    finals = _optional("sweeps.finals.run", "run_finals")
-    if finals is None or spec.final.seeds == 0:
-        return 0
-    with InterruptGuard() as guard:  # Ctrl-C / SIGTERM: the running final keeps its checkpoint
-        try:
-            with guard.raising():
-                result = finals(spec, args, storage)
-        except Interrupted as exc:
-            print("interrupted: the final stage stopped; rerun to resume it", flush=True)
-            return exc.exit_code
-    if isinstance(result, list) and any(getattr(r, "outcome", "") == "failed" for r in result):
-        args.finals_failed = True  # the leaderboard still runs; the sweep then exits 1
-    return _exit_code(result)
-
-
-def _stage_leaderboard(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
-    board = _optional("sweeps.results.leaderboard", "run_leaderboard")
-    if board is None:
-        return 0
-    ref: StorageRef | None = getattr(args, "storage_ref", None)
-    extra = _accepted(
-        board, spec=spec, storage_url=ref.shown if ref is not None else None, wandb=True
-    )
-    return _exit_code(board(Path(args.out), storage, **extra))
-
-
-STAGES: tuple[Stage, ...] = (
-    Stage("tune", ("all", "tune"), _stage_tune),
-    Stage("final", ("all", "final"), _stage_final),
-    Stage("leaderboard", ("all", "final"), _stage_leaderboard),
-)
-
-
-def _check_tunable(spec: SweepSpec) -> None:
-    if not spec.base.data.val_fraction:
-        raise UserError(
-            "base.data.val_fraction is 0: tuning needs a validation split to score trials "
-            "(e.g. 0.1); the test set is kept for the final runs"
-        )
-
-
-def _open(args: argparse.Namespace, spec: SweepSpec) -> tuple[StorageRef, Any]:
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _check_tunable(spec)
-    ref = resolve_storage(args.storage, Path(args.out))
-    return ref, open_storage(ref, heartbeat_stale_trial_callback=make_stale_callback())
-
-
-def check_same_sweep(spec: SweepSpec, out: Path) -> None:
+def check_same_sweep(spec: SweepSpec, folder: RunFolder) -> None:
     """Refuse (exit 2, nothing touched) to run into a folder that holds another sweep.
 
     Rerunning the same command resumes; a spec that differs beyond :data:`RERUN_MAY_CHANGE`
     is another sweep, and its trials must not join the studies of the one already there.
     """
-    from sweeps.spec import load_sweep_spec
-
-    path = Path(out) / SPEC_FILE
+    path = folder.spec
     if not path.is_file():
         return
     try:
         before = load_sweep_spec(path).to_dict()
     except UserError as exc:
         raise UserError(
-            f"{path} cannot be read ({exc}); move it away only if {out} holds no sweep of yours"
+            f"{path} cannot be read ({exc}); move it away only if {folder.root} holds no sweep "
+            "of yours"
         ) from None
     found = first_difference(before, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
     if found is not None:
         key, old, new = found
         raise UserError(
-            f"{out} holds sweep '{before.get('name')}' launched with {key} = {old!r}, not "
-            f"{new!r}; rerun with the same spec to resume it, or choose another --out"
+            f"{folder.root} holds sweep '{before.get('name')}' launched with {key} = {old!r}, "
+            f"not {new!r}; rerun with the same spec to resume it, or choose another --out"
         )
 
 
-def run_sweep(spec: SweepSpec, args: argparse.Namespace) -> int:
+def _open(run: SweepRun) -> Any:
+    """Check the run folder and the spec, then open the storage (errors exit 2 before work)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check_same_sweep(run.spec, run.folder)
+    if not run.spec.base.data.val_fraction:
+        raise UserError(
+            "base.data.val_fraction is 0: tuning needs a validation split to score trials "
+            "(e.g. 0.1); the test set is kept for the final runs"
+        )
+    return open_storage(run.storage, heartbeat_stale_trial_callback=make_stale_callback())
+
+
+def run_sweep(run: SweepRun) -> int:
     """``msam sweep``: open (and check) the storage, then run the requested stages in order."""
-    args.out = Path(args.out)
-    check_same_sweep(spec, args.out)
-    ref, storage = _open(args, spec)
-    args.storage_ref = ref
-    stage = getattr(args, "stage", "all") or "all"
-    for step in STAGES:
-        if stage in step.stages:
-            code = step.run(spec, args, storage)
-            if code:
-                return code
-    if getattr(args, "finals_failed", False):
+    storage = _open(run)
+    if run.stage in ("all", "tune"):
+        code = tune(run, storage)
+        if code:
+            return code
+    if run.stage == "tune":
+        return 0
+    failed = 0
+    if run.spec.final.seeds > 0:
+        # Ctrl-C / SIGTERM: the running final keeps its checkpoint for the rerun.
+        with InterruptGuard() as guard:
+            try:
+                with guard.raising():
+                    failed = len(run_finals(run, storage).failed)
+            except Interrupted as exc:
+                print("interrupted: the final stage stopped; rerun to resume it", flush=True)
+                return exc.exit_code
+    results = load_sweep(run.out, storage, spec=run.spec, storage_url=run.storage.shown)
+    publish(results, wandb=True)
+    if failed:
         print("some final runs failed; rerun the same command to retry them", flush=True)
         return 1
     return 0
 
 
-def write_spec(spec: SweepSpec, out: Path) -> Path:
+def write_spec(spec: SweepSpec, folder: RunFolder) -> None:
     """``<out>/spec.yaml``: the resolved spec as launched (workers read this very file)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SPEC_FILE
-    path.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    return path
+    folder.root.mkdir(parents=True, exist_ok=True)
+    folder.spec.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
 
-def tune(spec: SweepSpec, args: argparse.Namespace, storage: Any) -> int:
+def tune(run: SweepRun, storage: Any) -> int:
     """The tuning stage: studies, workers, live view, and the best trial per optimizer."""
-    out = Path(args.out)
-    ref: StorageRef = getattr(args, "storage_ref", None) or resolve_storage(args.storage, out)
-    spec_path = write_spec(spec, out)
+    spec = run.spec
+    write_spec(spec, run.folder)
     ensure_studies(spec, storage)
     for opt in spec.optimizers:  # trials left RUNNING by a sweep that died
-        reap_lost_trials(load_study(spec, opt, storage), ownerless_grace_s=LAUNCH_OWNERLESS_GRACE_S)
-    slots = plan_slots(args.workers, args.gpus, args.per_gpu)
-    view_storage = open_storage(ref)
+        study = open_study(storage, spec.name, opt)
+        reap_lost_trials(study, ownerless_grace_s=LAUNCH_OWNERLESS_GRACE_S)
+    view_storage = open_storage(run.storage)
     print(
         f"sweep {spec.name}: {len(spec.optimizers)} optimizers x {spec.budget.trials} trials, "
-        f"{len(slots)} worker(s), storage {ref.shown}, run folder {out}",
+        f"{len(run.slots)} worker(s), storage {run.storage.shown}, run folder {run.out}",
         flush=True,
     )
-    if len(slots) == 1 and slots[0].gpu is None:
+    if run.in_process:
         _set_threads()
-        code = _tune_in_process(spec, storage, view_storage, out)
+        code = _tune_in_process(spec, storage, view_storage, run.out)
     else:
-        code = _tune_with_pool(spec, storage, view_storage, out, slots, spec_path, ref)
+        code = _tune_with_pool(run, storage, view_storage)
     counts = snapshot(spec, storage)
     from rich.console import Console
 
-    console = Console()
-    console.print(best_table(spec.name, counts))
+    Console().print(best_table(spec.name, counts))
     overhead = _overhead_line(spec, storage)
     if overhead:
         print(overhead, flush=True)
@@ -246,29 +168,20 @@ def _tune_in_process(spec: SweepSpec, storage: Any, view_storage: Any, out: Path
             return 130
 
 
-def _tune_with_pool(
-    spec: SweepSpec,
-    storage: Any,
-    view_storage: Any,
-    out: Path,
-    slots: list[Slot],
-    spec_path: Path,
-    ref: StorageRef,
-) -> int:
-    pool = WorkerPool(slots, spec_path, ref.arg, out)
-    with LiveView(spec, view_storage) as view, InterruptGuard(on_signal=pool.stop) as guard:
+def _tune_with_pool(run: SweepRun, storage: Any, view_storage: Any) -> int:
+    pool = WorkerPool(run.slots, run.folder, run.storage.arg)
+    with LiveView(run.spec, view_storage) as view, InterruptGuard(on_signal=pool.stop) as guard:
         pool.start()
         codes = pool.wait(tick=lambda: None)
-        for opt in spec.optimizers:  # trials of workers that were killed
-            reap_lost_trials(load_study(spec, opt, storage))
+        for opt in run.spec.optimizers:  # trials of workers that were killed
+            reap_lost_trials(open_study(storage, run.spec.name, opt))
         if guard.signum is not None:
             view.say("interrupted: running trials failed as 'interrupted'; rerun to resume")
             return guard.exit_code or 130
         for index, code in codes.items():
             if code != 0:  # the others carried on; tune() judges by the studies' budgets
-                view.say(
-                    f"worker {index} exited with status {code}; see {pool.log_path(Slot(index))}"
-                )
+                log = run.folder.worker_log(index)
+                view.say(f"worker {index} exited with status {code}; see {log}")
     return 0
 
 
@@ -276,7 +189,7 @@ def _overhead_line(spec: SweepSpec, storage: Any) -> str | None:
     """Mean time per trial spent outside training (sampling, storage, W&B)."""
     rows = []
     for opt in spec.optimizers:
-        for trial in load_study(spec, opt, storage).get_trials(deepcopy=False):
+        for trial in open_study(storage, spec.name, opt).get_trials(deepcopy=False):
             seconds = trial.user_attrs.get("seconds")
             if isinstance(seconds, dict) and "overhead" in seconds:
                 rows.append(seconds)
@@ -303,21 +216,23 @@ def _default_worker_index() -> int:
     return 1000 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
 
 
-def run_worker(spec: SweepSpec, args: argparse.Namespace) -> int:
+def _default_worker_index() -> int:
+    """A worker started by hand gets a seed offset of its own (host and pid), not 0."""
+    return 1000 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
+
+
+def run_worker(run: SweepRun) -> int:
     """``msam worker``: run trials of a sweep's studies until every study has its budget."""
-    args.out = Path(args.out)
-    check_same_sweep(spec, args.out)
-    _, storage = _open(args, spec)
+    storage = _open(run)
     _set_threads()
-    index = getattr(args, "worker_index", None)
-    index = _default_worker_index() if index is None else index
-    ensure_studies(spec, storage)
+    index = _default_worker_index() if run.worker_index is None else run.worker_index
+    ensure_studies(run.spec, storage)
     with InterruptGuard() as guard:
         try:
             worker = Worker(
-                spec,
+                run.spec,
                 storage,
-                args.out,
+                run.out,
                 index=index,
                 guard=guard,
                 say=lambda m: print(m, flush=True),

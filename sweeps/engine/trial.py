@@ -24,7 +24,6 @@ status and reason, and where its time went (``seconds``: train vs the sweep's ow
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import traceback
@@ -34,21 +33,19 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
-from sweeps.faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
-from sweeps.engine.search import suggest_params, trial_epochs
+from msam.files import write_json
+from sweeps import budget
+from sweeps.engine.lifecycle import fail_trial, requeue
+from sweeps.engine.search import suggest_params
 from sweeps.engine.signals import Interrupted, InterruptGuard
-from sweeps.studies import fail_trial, requeue, study_name
+from sweeps.faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
+from sweeps.layout import CHECKPOINT, ERROR, TIMING, RunFolder
 from sweeps.spec import SweepSpec
 from sweeps.storage import heartbeat
-from sweeps.tracking.wandb_runs import WandbCallback
+from sweeps.studies import study_name
+from sweeps.tracking import WandbCallback
 
-__all__ = ["PruningCallback", "TrialRunner", "trial_dir"]
-
-CHECKPOINT = "checkpoint.pt"
-
-
-def trial_dir(out: Path, optimizer: str, number: int) -> Path:
-    return Path(out) / "trials" / optimizer / str(number)
+__all__ = ["PruningCallback", "TrialRunner"]
 
 
 class PruningCallback(Callback):
@@ -105,9 +102,9 @@ class TrialRunner:
         recorded overhead covers sampling and storage round trips too.
         """
         spec = self.spec
-        folder = trial_dir(self.out, optimizer, trial.number)
+        folder = RunFolder(self.out).trial(optimizer, trial.number)
         tracker: WandbCallback | None = None
-        epochs = trial_epochs(spec, optimizer)
+        epochs = budget.epochs(spec, optimizer)
         pruning = PruningCallback(trial, epochs)
         failure: str | None = None
         try:
@@ -143,7 +140,7 @@ class TrialRunner:
         except Exception as exc:
             failure = failure_reason(exc)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "error.txt").write_text(traceback.format_exc())
+            (folder / ERROR).write_text(traceback.format_exc())
             if tracker is not None:
                 tracker.finish(status="failed", reason=failure)
             if failure == OUT_OF_MEMORY:
@@ -188,7 +185,7 @@ class TrialRunner:
         seconds["tell"] = round(time.perf_counter() - t_tell, 4)
         seconds["overhead"] = round(seconds["overhead"] + seconds["tell"], 4)
         self.timings.append(seconds)
-        (folder / "timing.json").write_text(json.dumps(seconds, indent=2) + "\n")
+        write_json(folder / TIMING, seconds)
         (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing will resume it
         return status
 

@@ -15,19 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sweeps.engine.lifecycle import owner_token, reap_lost_trials
 from sweeps.engine.search import make_pruner, make_sampler
 from sweeps.engine.signals import InterruptGuard
-from sweeps.studies import (
-    StudyCounts,
-    count_trials,
-    load_study,
-    owner_token,
-    reap_lost_trials,
-    trials_ahead,
-)
 from sweeps.engine.trial import TrialRunner
 from sweeps.spec import SweepSpec
-from sweeps.tracking.wandb_runs import start_service
+from sweeps.studies import SURPLUS, StudyCounts, count_trials, open_study, trials_ahead
+from sweeps.tracking import start_service
 
 __all__ = ["Worker", "error_limit"]
 
@@ -52,12 +46,13 @@ class Worker:
 
     def __post_init__(self) -> None:
         self.studies = {
-            opt: load_study(
-                self.spec,
-                opt,
+            opt: open_study(
                 self.storage,
+                self.spec.name,
+                opt,
                 sampler=make_sampler(self.spec, opt, self.index),
                 pruner=make_pruner(self.spec, opt),
+                create=True,
             )
             for opt in self.spec.optimizers
         }
@@ -122,13 +117,13 @@ class Worker:
         trial.set_user_attr("worker", self.owner)
         trial.set_user_attr("optimizer", optimizer)
         if trials_ahead(study, trial.number) >= self.spec.budget.trials:
-            trial.set_user_attr("reason", "surplus")
-            trial.set_user_attr("status", "surplus")
+            trial.set_user_attr("reason", SURPLUS)
+            trial.set_user_attr("status", SURPLUS)
             from optuna.trial import TrialState
 
             study.tell(trial, state=TrialState.FAIL)
             time.sleep(0.05)
-            return "surplus"
+            return SURPLUS
         status = self.runner.run(study, trial, optimizer, started)
         self.say(_trial_line(optimizer, study._storage.get_trial(trial._trial_id), status))
         return status

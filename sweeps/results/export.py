@@ -13,8 +13,6 @@ holding the same config is left alone, one holding a different config is an erro
 from __future__ import annotations
 
 import datetime as _dt
-import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,13 +20,17 @@ from typing import Any
 import yaml
 
 from msam.errors import UserError
-from sweeps.results.read import TUNED_DIR, SweepResults, load_sweep, package_versions
+from msam.files import atomic_write
+from sweeps import budget
+from sweeps.layout import RunFolder
+from sweeps.results.leaderboard import Leaderboard, Row, build_leaderboard
+from sweeps.results.read import SweepResults, load_sweep, package_versions
 
 __all__ = ["export_tuned", "tuned_config", "tuned_path", "tuned_text", "write_tuned"]
 
 
 def tuned_path(run_dir: str | Path, name: str, optimizer: str) -> Path:
-    return Path(run_dir) / TUNED_DIR / f"{name}-{optimizer}.yaml"
+    return RunFolder(run_dir).tuned(name, optimizer)
 
 
 def _one_line(text: Any) -> str:
@@ -36,17 +38,14 @@ def _one_line(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def tuned_config(results: SweepResults, row: Any) -> Any:
+def tuned_config(results: SweepResults, row: Row) -> Any:
     """The TrainConfig of a leaderboard row's configuration, as the final runs trained it."""
-    from sweeps.finals.run import final_epochs
-
     spec = results.spec
-    params = {**row.params, "train.seed": 0}
-    epochs = row.epochs or final_epochs(spec, spec.train_config(row.optimizer, params))
-    return spec.train_config(row.optimizer, {**params, "train.epochs": epochs})
+    epochs = row.epochs or budget.epochs(spec, row.optimizer, final=True)
+    return spec.train_config(row.optimizer, {**row.params, "train.seed": 0, "train.epochs": epochs})
 
 
-def tuned_text(results: SweepResults, row: Any, *, date: str | None = None) -> str:
+def tuned_text(results: SweepResults, row: Row, *, date: str | None = None) -> str:
     """The YAML file: provenance comments, then the config."""
     cfg = tuned_config(results, row)
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -84,7 +83,7 @@ def tuned_text(results: SweepResults, row: Any, *, date: str | None = None) -> s
     return header + body
 
 
-def write_tuned(results: SweepResults, board: Any, run_dir: str | Path) -> list[Path]:
+def write_tuned(results: SweepResults, board: Leaderboard, run_dir: str | Path) -> list[Path]:
     """``tuned/<name>-<optimizer>.yaml`` for each optimizer's best configuration."""
     written = []
     for row in board.rows:
@@ -92,10 +91,7 @@ def write_tuned(results: SweepResults, board: Any, run_dir: str | Path) -> list[
             continue
         path = tuned_path(run_dir, results.name, row.optimizer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(tuned_text(results, row), encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(atomic_write(path, tuned_text(results, row)))
     return written
 
 
@@ -114,11 +110,9 @@ def export_tuned(run_dir: str | Path, to: str | Path, *, force: bool = False) ->
     config stops the export before anything is written (UserError), unless ``force``.
     """
     run_dir, to = Path(run_dir), Path(to)
-    source = run_dir / TUNED_DIR
+    source = RunFolder(run_dir).tuned_dir
     files = sorted(source.glob("*.yaml")) if source.is_dir() else []
     if not files:
-        from sweeps.results.leaderboard import build_leaderboard
-
         results = load_sweep(run_dir)
         if results.spec is None:
             raise UserError(f"{run_dir}: no spec.yaml, so no train config can be written")
@@ -147,8 +141,6 @@ def export_tuned(run_dir: str | Path, to: str | Path, *, force: bool = False) ->
     to.mkdir(parents=True, exist_ok=True)
     for src, dest, action in plan:
         if action != "unchanged":
-            tmp = dest.with_name(dest.name + ".tmp")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
+            atomic_write(dest, src.read_bytes())
         print(f"{action}: {dest}", file=sys.stdout)
     return 0

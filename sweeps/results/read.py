@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,17 +18,23 @@ from typing import Any
 
 from msam.config import OPTIMIZERS
 from msam.errors import UserError
+from msam.files import read_json
+from sweeps.layout import FINAL_JOB, METRICS, SUMMARY, RunFolder, final_label
+from sweeps.storage import mask_url, open_storage, resolve_storage
+from sweeps.studies import (
+    StudyCounts,
+    count_trials,
+    finite_complete,
+    open_study,
+    ranked_trials,
+    study_name,
+    sweep_names,
+)
 
 __all__ = [
-    "FINALS_DIR",
-    "FINAL_JOB",
-    "SPEC_FILE",
-    "TUNED_DIR",
     "FinalRecord",
     "StudyResult",
     "SweepResults",
-    "final_dir",
-    "final_label",
     "json_safe",
     "load_spec",
     "load_study",
@@ -37,59 +42,18 @@ __all__ = [
     "mean_of",
     "open_results_storage",
     "package_versions",
-    "ranked_trials",
     "read_finals",
-    "read_json",
     "shown_storage",
-    "split_study_name",
-    "study_name",
-    "sweep_names",
 ]
-
-SPEC_FILE = "spec.yaml"
-FINALS_DIR = "finals"
-TUNED_DIR = "tuned"
-#: Written into a final's folder before it trains: which trial, seed and epochs it stands for.
-FINAL_JOB = "final.json"
-SUMMARY = "summary.json"
-METRICS = "metrics.jsonl"
-
-_LABEL = re.compile(r"^(?P<opt>[a-z]+)(?:-top(?P<rank>\d+))?$")
-_SEED = re.compile(r"^seed(?P<seed>\d+)$")
 
 
 # ----------------------------------------------------------------------------- names and places
-
-
-def study_name(sweep: str, optimizer: str) -> str:
-    """The design's contract: one study per optimizer, ``<name>/<optimizer>``."""
-    return f"{sweep}/{optimizer}"
-
-
-def split_study_name(name: str) -> tuple[str, str] | None:
-    """``"fmnist/sam"`` -> ``("fmnist", "sam")``; None for studies that are not ours."""
-    sweep, sep, optimizer = name.rpartition("/")
-    if not sep or not sweep or optimizer not in OPTIMIZERS:
-        return None
-    return sweep, optimizer
-
-
-def final_label(optimizer: str, rank: int) -> str:
-    """Folder of a final configuration: ``sam`` for the best, ``sam-top2`` for the runner-up."""
-    return optimizer if rank == 1 else f"{optimizer}-top{rank}"
-
-
-def final_dir(run_dir: str | Path, optimizer: str, rank: int, seed: int) -> Path:
-    """``finals/<opt>/seed<k>/`` (rank 1) or ``finals/<opt>-top<r>/seed<k>/`` (rank r > 1)."""
-    return Path(run_dir) / FINALS_DIR / final_label(optimizer, rank) / f"seed{seed}"
 
 
 def shown_storage(url: str | None) -> str | None:
     """A storage as it may appear in files and logs: password masked."""
     if url is None:
         return None
-    from sweeps.storage import mask_url
-
     return mask_url(str(url))
 
 
@@ -118,61 +82,17 @@ def open_results_storage(run_dir: str | Path | None, storage: Any = None) -> tup
     ``<run_dir>/optuna.journal`` — None is returned when that file does not exist, so a folder
     holding only finals still gives a leaderboard.
     """
-    from sweeps.storage import JOURNAL_FILE, open_storage, resolve_storage
-
     if storage is not None and not isinstance(storage, (str, Path)):
         return storage, None
     if storage is None:
-        if run_dir is None or not (Path(run_dir) / JOURNAL_FILE).is_file():
+        if run_dir is None or not RunFolder(run_dir).journal.is_file():
             return None, None
         ref = resolve_storage(None, Path(run_dir))
-        return open_storage(ref), JOURNAL_FILE
+        return open_storage(ref), RunFolder(run_dir).journal.name
     ref = resolve_storage(str(storage), Path(run_dir or "."))
     if ref.kind == "journal" and not Path(ref.arg).is_file():
         raise UserError(f"--storage {ref.shown}: no such journal file")
     return open_storage(ref), ref.shown
-
-
-def sweep_names(storage: Any) -> list[str]:
-    """Names of every sweep with at least one ``<name>/<optimizer>`` study in ``storage``."""
-    import optuna
-
-    names = {
-        parts[0]
-        for name in optuna.study.get_all_study_names(storage)
-        if (parts := split_study_name(name)) is not None
-    }
-    return sorted(names)
-
-
-def _trial_sort_key(trial: Any, maximize: bool) -> tuple[float, int]:
-    return (-trial.value if maximize else trial.value, trial.number)
-
-
-def ranked_trials(trials: Iterable[Any], *, maximize: bool = True, k: int | None = None) -> list:
-    """COMPLETE trials with a finite value, best first (ties: the earlier trial), one per
-    distinct configuration: a sampler proposing a point twice must not fill two final slots."""
-    import optuna
-
-    complete = [
-        t
-        for t in trials
-        if t.state == optuna.trial.TrialState.COMPLETE
-        and t.value is not None
-        and math.isfinite(t.value)
-    ]
-    complete.sort(key=lambda t: _trial_sort_key(t, maximize))
-    seen: set[tuple] = set()
-    out = []
-    for trial in complete:
-        key = tuple(sorted((name, repr(value)) for name, value in trial.params.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(trial)
-        if k is not None and len(out) >= k:
-            break
-    return out
 
 
 @dataclass
@@ -186,26 +106,20 @@ class StudyResult:
     maximize: bool = True
 
     def counts(self) -> dict[str, int]:
-        """Trials per state, the ones a leaderboard shows: complete, pruned, failed, running."""
-        out = {"complete": 0, "pruned": 0, "failed": 0, "running": 0}
-        for trial in self.trials:
-            state = trial.state.name.lower()
-            key = {"fail": "failed", "waiting": "running"}.get(state, state)
-            if key in out:
-                out[key] += 1
-        return out
+        """Trials per state, the ones a leaderboard shows (complete, pruned, failed, running),
+        counted as the workers count them: surplus trials (asked beyond the budget by a racing
+        worker, failed before any work) are not failures."""
+        c: StudyCounts = count_trials(self.trials, self.optimizer, budget=0)
+        return {
+            "complete": c.complete,
+            "pruned": c.pruned,
+            "failed": c.failed,
+            "running": c.running + c.waiting,
+        }
 
     def complete(self) -> list[Any]:
         """COMPLETE trials with a finite value, in trial order (for plots)."""
-        import optuna
-
-        return [
-            t
-            for t in self.trials
-            if t.state == optuna.trial.TrialState.COMPLETE
-            and t.value is not None
-            and math.isfinite(t.value)
-        ]
+        return finite_complete(self.trials)
 
     def ranked(self, k: int | None = None) -> list[Any]:
         return ranked_trials(self.trials, maximize=self.maximize, k=k)
@@ -219,27 +133,16 @@ def load_study(storage: Any, sweep: str, optimizer: str) -> StudyResult | None:
     """The study of one optimizer, or None when the storage has none by that name."""
     import optuna
 
-    name = study_name(sweep, optimizer)
-    try:
-        study = optuna.load_study(
-            study_name=name, storage=storage, sampler=optuna.samplers.RandomSampler()
-        )
-    except KeyError:
+    study = open_study(storage, sweep, optimizer)
+    if study is None:
         return None
     maximize = study.direction != optuna.study.StudyDirection.MINIMIZE
-    return StudyResult(optimizer, name, study, study.get_trials(deepcopy=False), maximize)
+    return StudyResult(
+        optimizer, study_name(sweep, optimizer), study, study.get_trials(deepcopy=False), maximize
+    )
 
 
 # ----------------------------------------------------------------------------- finals on disk
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object, or None when missing or unreadable (a run killed mid-write)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 @dataclass
@@ -302,26 +205,15 @@ def read_finals(run_dir: str | Path) -> list[FinalRecord]:
 
     Folders that do not follow the layout (``.stale``, stray files) are ignored.
     """
-    root = Path(run_dir) / FINALS_DIR
     records = []
-    if not root.is_dir():
-        return records
-    for label_dir in sorted(root.iterdir()):
-        match = _LABEL.match(label_dir.name)
-        if not label_dir.is_dir() or match is None or match["opt"] not in OPTIMIZERS:
+    for optimizer, rank, seed, folder in RunFolder(run_dir).final_dirs():
+        if optimizer not in OPTIMIZERS:
             continue
-        rank = int(match["rank"] or 1)
-        for seed_dir in sorted(label_dir.iterdir()):
-            seed_match = _SEED.match(seed_dir.name)
-            if seed_match is None:
-                continue
-            summary = read_json(seed_dir / SUMMARY)
-            if summary is None:
-                continue
-            job = read_json(seed_dir / FINAL_JOB) or summary.get("final") or {}
-            records.append(
-                FinalRecord(match["opt"], rank, int(seed_match["seed"]), seed_dir, summary, job)
-            )
+        summary = read_json(folder / SUMMARY)
+        if summary is None:
+            continue
+        job = read_json(folder / FINAL_JOB) or summary.get("final") or {}
+        records.append(FinalRecord(optimizer, rank, seed, folder, summary, job))
     order = {name: i for i, name in enumerate(OPTIMIZERS)}
     records.sort(key=lambda r: (order[r.optimizer], r.rank, r.seed))
     return records
@@ -334,7 +226,7 @@ def load_spec(run_dir: str | Path | None) -> Any | None:
     """The resolved spec the sweep was launched with, or None if the folder has none."""
     if run_dir is None:
         return None
-    path = Path(run_dir) / SPEC_FILE
+    path = RunFolder(run_dir).spec
     if not path.is_file():
         return None
     from sweeps.spec import load_sweep_spec

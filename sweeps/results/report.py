@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import html
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from msam.files import atomic_write
 from sweeps.results.read import SweepResults
 
 __all__ = ["build_figures", "render_report", "write_report"]
@@ -518,7 +518,4 @@ def write_report(results: SweepResults, board: Any, path: str | Path) -> Path:
     """Write ``report.html`` atomically (a reader never sees half a page)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(render_report(results, board), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, render_report(results, board))
