@@ -293,6 +293,51 @@ def with_epochs(cfg: TrainConfig, epochs: int | None) -> TrainConfig:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
 
 
+@dataclass(frozen=True)
+class _Run:
+    """What a run is built from once, before its first epoch: the pieces every later step uses."""
+
+    cfg: TrainConfig
+    out: Path | None
+    device: torch.device
+    amp: torch.dtype | None
+    dist: dict[str, Any] | None  # rank, world and device under torchrun; None in one process
+    data: Any  # msam.data's train/val/test loaders and the data set's info
+    model: nn.Module  # the module whose state is saved and evaluated
+    net: nn.Module  # what the gradient runs through: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+    rho: float
+    micro_batches: int  # per process
+    updates_per_epoch: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist is None or self.dist["rank"] == 0
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (one process does, and only with --out)."""
+        return self.out is not None and self.is_main
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: restored from a checkpoint or fresh, advanced epoch by epoch."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    elapsed: float = 0.0  # training seconds over all epochs, resumed ones included
+    num_updates: int = 0
+    status: str = "complete"
+    reason: str | None = None
+
+    def end(self, status: str, reason: str) -> None:
+        self.status, self.reason = status, reason
+
+
 def run_train(
     cfg: TrainConfig,
     *,
@@ -310,24 +355,84 @@ def run_train(
     overrides ``cfg.train.epochs`` (the final stage and budget matching use it). A non-finite loss
     ends the run with status ``diverged``; a callback asking to stop ends it with ``stopped``.
     """
-    from msam.data import build_data
-    from msam.models import create_model
-
     cfg = with_epochs(cfg, epochs)
     out = Path(out_dir) if out_dir is not None else None
     check_out_dir(out, resume)
+    run = _set_up(cfg, out, final)
+    progress = _start(run, resume)
+    run_info = _run_info(run, progress.start_epoch)
+    cbs = CallbackList(callbacks if run.is_main else ())
+    cbs.on_train_start(cfg.to_dict(), run_info)
+    if progress.history:
+        cbs.on_resume(progress.history)
+    remaining = cfg.train.epochs - progress.start_epoch
+    console = _Console(verbose and run.is_main, remaining, run.updates_per_epoch)
+    try:
+        _run_epochs(run, progress, cbs, console)
+    finally:
+        console.close()
+    summary = _summary(run, progress, run_info, evaluate_test)
+    if run.writes:
+        _atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    cbs.on_train_end(summary)
+    result = TrainResult(progress.status, summary, progress.history, progress.reason, run.model)
+    if run.dist is not None:
+        torch.distributed.barrier()
+    return result
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _set_up(cfg: TrainConfig, out: Path | None, final: bool) -> _Run:
+    """Device, data, model, optimizer and schedule; the seed is set before data and weights."""
     device = resolve_device(cfg.train.device)
     amp = resolve_amp(cfg.train.amp, device)
     dist = _distributed(device)
     if dist is not None:
         device = dist["device"]
-    is_main = dist is None or dist["rank"] == 0
-
     torch.manual_seed(cfg.train.seed)
     channels_last = (
         device.type == "cuda" if cfg.train.channels_last == "auto" else cfg.train.channels_last
     )
-    data = build_data(
+    data = _build_data(cfg, device, final, channels_last)
+    model = _build_model(cfg, data.info, device, channels_last)
+    optimizer = build_optimizer(model, cfg)
+    updates_per_epoch = len(data.train)
+    if updates_per_epoch == 0:
+        raise UserError(
+            f"train.batch_size {cfg.train.batch_size} exceeds the {data.train.num_samples} "
+            "training images: no full batch to train on"
+        )
+    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
+    rho, micro_batches = _sharpness_args(cfg)
+    if dist is not None:
+        micro_batches = _micro_batches_per_process(micro_batches, dist["world"])
+    return _Run(
+        cfg=cfg,
+        out=out,
+        device=device,
+        amp=amp,
+        dist=dist,
+        data=data,
+        model=model,
+        net=_gradient_net(model, cfg, dist, device),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loss_fn=loss_fn,
+        rho=rho,
+        micro_batches=micro_batches,
+        updates_per_epoch=updates_per_epoch,
+    )
+
+
+def _build_data(cfg: TrainConfig, device: torch.device, final: bool, channels_last: bool):
+    from msam.data import build_data
+
+    return build_data(
         cfg.data.dataset,
         root=cfg.data.root,
         val_fraction=cfg.data.val_fraction,
@@ -343,7 +448,11 @@ def run_train(
         synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
         img_size=cfg.data.img_size,
     )
-    info = data.info
+
+
+def _build_model(cfg: TrainConfig, info, device: torch.device, channels_last: bool) -> nn.Module:
+    from msam.models import create_model
+
     model = create_model(
         cfg.model.name,
         num_classes=info.num_classes,
@@ -354,24 +463,21 @@ def run_train(
     ).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg)
-    updates_per_epoch = len(data.train)
-    if updates_per_epoch == 0:
+    return model
+
+
+def _micro_batches_per_process(micro_batches: int, world: int) -> int:
+    """Each of ``world`` processes perturbs with its own share of the m micro-batches."""
+    if micro_batches % world and micro_batches > 1:
         raise UserError(
-            f"train.batch_size {cfg.train.batch_size} exceeds the {data.train.num_samples} "
-            "training images: no full batch to train on"
+            f"optim.micro_batches {micro_batches} must be a multiple of the {world} processes"
         )
-    scheduler = build_scheduler(optimizer, cfg, updates_per_epoch)
-    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
-    rho, micro_batches = _sharpness_args(cfg)
-    if dist is not None:
-        world = dist["world"]
-        if micro_batches % world and micro_batches > 1:
-            raise UserError(
-                f"optim.micro_batches {micro_batches} must be a multiple of the {world} processes"
-            )
-        micro_batches = max(1, micro_batches // world)
+    return max(1, micro_batches // world)
+
+
+def _gradient_net(
+    model: nn.Module, cfg: TrainConfig, dist: dict[str, Any] | None, device: torch.device
+) -> nn.Module:
     net: nn.Module = model
     if cfg.train.compile:
         net = torch.compile(model)
@@ -379,176 +485,224 @@ def run_train(
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None
         )
+    return net
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    elapsed = 0.0
-    ckpt_path = out / CHECKPOINT if out is not None else None
-    if out is not None and is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path is not None:
-        state = load_checkpoint(ckpt_path)
-        mismatch = checkpoint_mismatch(state, cfg) if state is not None else None
-        if mismatch is not None:
-            raise UserError(
-                f"{ckpt_path} was written for another config ({mismatch}); resume with the "
-                "config it was trained with, or choose another --out"
-            )
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            torch.set_rng_state(state["rng"])
-            history = [json.loads(line) for line in state["history"]]
-            start_epoch = int(state["epoch"])
-            elapsed = float(state.get("elapsed", 0.0))
-    if out is not None and is_main:
-        _atomic_write(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
 
-    n_params = sum(p.numel() for p in model.parameters())
-    run_info = {
-        "device": str(device),
-        "amp": str(amp).replace("torch.", "") if amp else "none",
-        "parameters": n_params,
-        "updates_per_epoch": updates_per_epoch,
-        "train_images": data.train.num_samples,
-        "grad_evals_per_update": grad_evals_per_update(cfg),
+def _start(run: _Run, resume: bool) -> _Progress:
+    """A fresh start, or the state of the checkpoint being resumed; rewrites ``metrics.jsonl``
+    to the epochs the run starts from."""
+    progress = _Progress()
+    if run.writes:
+        run.out.mkdir(parents=True, exist_ok=True)
+    if resume and run.out is not None:
+        _resume(run, run.out / CHECKPOINT, progress)
+    progress.num_updates = progress.start_epoch * run.updates_per_epoch
+    if run.writes:
+        _atomic_write(run.out / METRICS, "".join(json.dumps(h) + "\n" for h in progress.history))
+    return progress
+
+
+def _resume(run: _Run, ckpt_path: Path, progress: _Progress) -> None:
+    """Load model, optimizer, schedule, loss scale and RNG from a checkpoint written for the same
+    config (another config's is refused); a missing or unreadable one means starting over."""
+    state = load_checkpoint(ckpt_path)
+    if state is None:
+        return
+    mismatch = checkpoint_mismatch(state, run.cfg)
+    if mismatch is not None:
+        raise UserError(
+            f"{ckpt_path} was written for another config ({mismatch}); resume with the "
+            "config it was trained with, or choose another --out"
+        )
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scaler is not None and state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
+    progress.history = [json.loads(line) for line in state["history"]]
+    progress.start_epoch = int(state["epoch"])
+    progress.elapsed = float(state.get("elapsed", 0.0))
+
+
+def _run_info(run: _Run, start_epoch: int) -> dict[str, Any]:
+    """What the run is, beside its config: logged at the start and repeated in the summary."""
+    return {
+        "device": str(run.device),
+        "amp": str(run.amp).replace("torch.", "") if run.amp else "none",
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "updates_per_epoch": run.updates_per_epoch,
+        "train_images": run.data.train.num_samples,
+        "grad_evals_per_update": grad_evals_per_update(run.cfg),
         "start_epoch": start_epoch,
         "versions": versions(),
     }
-    cbs = CallbackList(callbacks if is_main else ())
-    cbs.on_train_start(cfg.to_dict(), run_info)
-    if history:
-        cbs.on_resume(history)
-    console = _Console(verbose and is_main, cfg.train.epochs - start_epoch, updates_per_epoch)
 
-    status, reason = "complete", None
-    num_updates = start_epoch * updates_per_epoch
-    try:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            model.train()
-            data.train.set_epoch(epoch)
-            meter = _Meter(device)
-            t0 = time.perf_counter()
-            for step, (x, y) in enumerate(data.train):
-                if dist is not None:
-                    x, y = (
-                        x.chunk(dist["world"])[dist["rank"]],
-                        y.chunk(dist["world"])[dist["rank"]],
-                    )
-                with _autocast(device, amp):
-                    loss = backward(
-                        net,
-                        loss_fn,
-                        x,
-                        y,
-                        rho=rho,
-                        micro_batches=micro_batches,
-                        adaptive=cfg.optim.adaptive,
-                        strategy=cfg.optim.strategy,
-                        scaler=scaler,
-                        on_outputs=meter.add_outputs,
-                    )
-                if cfg.train.grad_clip is not None:
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                num_updates += 1
-                scheduler.step_update(num_updates)
-                meter.add_loss(loss, y.shape[0])
-                console.advance(f"epoch {epoch + 1}/{cfg.train.epochs}")
-                if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(meter.loss):
-                    break
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            train_loss, train_acc = meter.result()
-            lr = optimizer.param_groups[0]["lr"]
-            if not math.isfinite(train_loss):
-                status, reason = "diverged", f"diverged at epoch {epoch + 1} (non-finite loss)"
-                break
-            metrics: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "train_acc": train_acc,
-                "val_loss": None,
-                "val_acc": None,
-                "lr": lr,
-                "seconds": seconds,
-                "images_per_s": meter.count * (dist["world"] if dist else 1) / seconds,
-            }
-            if data.val is not None:
-                metrics["val_loss"], metrics["val_acc"] = evaluate(model, data.val, amp, device)
-                if not math.isfinite(metrics["val_loss"]):
-                    status, reason = "diverged", f"diverged at epoch {epoch + 1} (non-finite loss)"
-            elapsed += seconds
-            history.append(metrics)
-            console.epoch(metrics)
-            if out is not None and is_main:
-                with open(out / METRICS, "a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
-                if cfg.train.checkpoint:
-                    _save_checkpoint(
-                        ckpt_path,
-                        {
-                            "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict() if scaler is not None else None,
-                            "rng": torch.get_rng_state(),
-                            "history": [json.dumps(h) for h in history],
-                            "epoch": epoch + 1,
-                            "elapsed": elapsed,
-                            "config": json.dumps(_identity(cfg)),
-                        },
-                    )
-            if status == "diverged":
-                break
-            stop = cbs.on_epoch_end(epoch + 1, metrics)
-            if stop:
-                status = "stopped"
-                reason = stop if isinstance(stop, str) else f"stopped after epoch {epoch + 1}"
-                break
-    finally:
-        console.close()
 
+# ----------------------------------------------------------------------------- epochs
+
+
+def _run_epochs(run: _Run, progress: _Progress, cbs: CallbackList, console: _Console) -> None:
+    """Train the remaining epochs; sets ``progress.status`` when a run diverges or is stopped."""
+    for epoch in range(progress.start_epoch, run.cfg.train.epochs):
+        meter, seconds = _train_epoch(run, epoch, progress, console)
+        metrics = _epoch_metrics(run, epoch, meter, seconds)
+        if metrics is None:  # a non-finite training loss: nothing of the epoch is kept
+            progress.end("diverged", f"diverged at epoch {epoch + 1} (non-finite loss)")
+            break
+        if metrics["val_loss"] is not None and not math.isfinite(metrics["val_loss"]):
+            # the epoch is recorded (and checkpointed) before the run ends
+            progress.end("diverged", f"diverged at epoch {epoch + 1} (non-finite loss)")
+        progress.elapsed += seconds
+        progress.history.append(metrics)
+        console.epoch(metrics)
+        if run.writes:
+            _record_epoch(run, progress, metrics, epoch)
+        if progress.status == "diverged":
+            break
+        stop = cbs.on_epoch_end(epoch + 1, metrics)
+        if stop:
+            progress.end(
+                "stopped", stop if isinstance(stop, str) else f"stopped after epoch {epoch + 1}"
+            )
+            break
+
+
+def _train_epoch(
+    run: _Run, epoch: int, progress: _Progress, console: _Console
+) -> tuple[_Meter, float]:
+    """One pass over the training set; ends early once the running loss is non-finite."""
+    run.model.train()
+    run.data.train.set_epoch(epoch)
+    meter = _Meter(run.device)
+    t0 = time.perf_counter()
+    for step, (x, y) in enumerate(run.data.train):
+        if run.dist is not None:
+            world, rank = run.dist["world"], run.dist["rank"]
+            x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+        loss = _update(run, x, y, meter)
+        progress.num_updates += 1
+        run.scheduler.step_update(progress.num_updates)
+        meter.add_loss(loss, y.shape[0])
+        console.advance(f"epoch {epoch + 1}/{run.cfg.train.epochs}")
+        if (step + 1) % DIVERGENCE_CHECK_EVERY == 0 and not torch.isfinite(meter.loss):
+            break
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return meter, time.perf_counter() - t0
+
+
+def _update(run: _Run, x: torch.Tensor, y: torch.Tensor, meter: _Meter) -> torch.Tensor:
+    """The (m)SAM gradient of one mini-batch, clipped if asked, and the base optimizer's step."""
+    cfg, scaler, optimizer = run.cfg, run.scaler, run.optimizer
+    with _autocast(run.device, run.amp):
+        loss = backward(
+            run.net,
+            run.loss_fn,
+            x,
+            y,
+            rho=run.rho,
+            micro_batches=run.micro_batches,
+            adaptive=cfg.optim.adaptive,
+            strategy=cfg.optim.strategy,
+            scaler=scaler,
+            on_outputs=meter.add_outputs,
+        )
+    if cfg.train.grad_clip is not None:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss
+
+
+def _epoch_metrics(run: _Run, epoch: int, meter: _Meter, seconds: float) -> dict[str, Any] | None:
+    """One line of ``metrics.jsonl``, validation included; None when the training loss is not
+    finite (the run diverged, nothing of the epoch is kept)."""
+    train_loss, train_acc = meter.result()
+    lr = run.optimizer.param_groups[0]["lr"]
+    if not math.isfinite(train_loss):
+        return None
+    metrics: dict[str, Any] = {
+        "epoch": epoch + 1,
+        "train_loss": train_loss,
+        "train_acc": train_acc,
+        "val_loss": None,
+        "val_acc": None,
+        "lr": lr,
+        "seconds": seconds,
+        "images_per_s": meter.count * (run.dist["world"] if run.dist else 1) / seconds,
+    }
+    if run.data.val is not None:
+        metrics["val_loss"], metrics["val_acc"] = evaluate(
+            run.model, run.data.val, run.amp, run.device
+        )
+    return metrics
+
+
+# ----------------------------------------------------------------------------- files and summary
+
+
+def _record_epoch(run: _Run, progress: _Progress, metrics: dict[str, Any], epoch: int) -> None:
+    """Append the epoch to ``metrics.jsonl`` and, if enabled, replace the checkpoint."""
+    with open(run.out / METRICS, "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    if run.cfg.train.checkpoint:
+        _save_checkpoint(run.out / CHECKPOINT, _checkpoint_state(run, progress, epoch + 1))
+
+
+def _checkpoint_state(run: _Run, progress: _Progress, epochs_done: int) -> dict[str, Any]:
+    """Everything a resume needs, and the config it must agree with."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "rng": torch.get_rng_state(),
+        "history": [json.dumps(h) for h in progress.history],
+        "epoch": epochs_done,
+        "elapsed": progress.elapsed,
+        "config": json.dumps(_identity(run.cfg)),
+    }
+
+
+def _summary(
+    run: _Run, progress: _Progress, run_info: dict[str, Any], evaluate_test: bool
+) -> dict[str, Any]:
+    """``summary.json``: the outcome, the last epoch's metrics, cost, and the test set's result
+    (measured only for a complete run, and only if asked)."""
+    history = progress.history
+    last = history[-1] if history else {}
     summary: dict[str, Any] = {
-        "name": cfg.name,
-        "status": status,
-        "reason": reason,
-        "optimizer": cfg.optim.name,
+        "name": run.cfg.name,
+        "status": progress.status,
+        "reason": progress.reason,
+        "optimizer": run.cfg.optim.name,
         "epochs_completed": len(history),
-        "train_loss": history[-1]["train_loss"] if history else None,
-        "train_acc": history[-1]["train_acc"] if history else None,
-        "val_acc": history[-1]["val_acc"] if history else None,
-        "val_loss": history[-1]["val_loss"] if history else None,
+        "train_loss": last.get("train_loss"),
+        "train_acc": last.get("train_acc"),
+        "val_acc": last.get("val_acc"),
+        "val_loss": last.get("val_loss"),
         "best_val_acc": max(
             (h["val_acc"] for h in history if h["val_acc"] is not None), default=None
         ),
         "test_acc": None,
         "test_loss": None,
-        "seconds": elapsed,
+        "seconds": progress.elapsed,
         "images_per_s": (
             sum(h["images_per_s"] for h in history) / len(history) if history else None
         ),
         **run_info,
     }
-    if status == "complete" and evaluate_test:
-        summary["test_loss"], summary["test_acc"] = evaluate(model, data.test, amp, device)
-    if out is not None and is_main:
-        _atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
-    cbs.on_train_end(summary)
-    result = TrainResult(status, summary, history, reason, model)
-    if dist is not None:
-        torch.distributed.barrier()
-    return result
+    if progress.status == "complete" and evaluate_test:
+        summary["test_loss"], summary["test_acc"] = evaluate(
+            run.model, run.data.test, run.amp, run.device
+        )
+    return summary
 
 
 def _distributed(device: torch.device) -> dict[str, Any] | None:
