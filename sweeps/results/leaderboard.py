@@ -407,5 +407,3 @@ def _comparisons(results: SweepResults, confidence: float) -> tuple[list[PairedD
         return [], []
     values = {opt: [accs[s] for s in seeds] for opt, accs in by_seed.items()}
     return compare_optimizers(values, confidence=confidence), seeds
-
-
