@@ -138,56 +138,75 @@ class TrialRunner:
                 requeue(study, _frozen(study, trial), lost=True)
             raise
         except Exception as exc:
-            failure = failure_reason(exc)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / ERROR).write_text(traceback.format_exc())
-            if tracker is not None:
-                tracker.finish(status="failed", reason=failure)
-            if failure == OUT_OF_MEMORY:
-                with contextlib.suppress(Exception):  # the reason says it even if this fails
-                    trial.set_user_attr("error", one_line(exc))
-            if fail_trial(study, trial, failure):
-                requeue(study, _frozen(study, trial), lost=False)
+            failure = self._record_error(study, trial, folder, tracker, exc)
         if failure is not None:  # out of the except block: the traceback's frames are unreachable
             release_memory()
             (folder / CHECKPOINT).unlink(missing_ok=True)
             return "failed"
-
         tracker.finish(
             status=status,
             reason=reason,
             summary={"trial": trial.number, "study": study_name(spec.name, optimizer)},
         )
-        wandb_s = tracker.seconds
         total = time.perf_counter() - started
         seconds = {
             "trial": round(total, 4),
             "train": round(train_s, 4),
             "overhead": round(total - train_s, 4),
-            "wandb": round(wandb_s, 4),
+            "wandb": round(tracker.seconds, 4),
             "pruner": round(pruning.seconds, 4),
         }
+        attrs = {"status": status, "reason": reason, "epochs": len(result.history)}
+        if not self._tell(study, trial, state, value, attrs, seconds):
+            return "lost"
+        self.timings.append(seconds)
+        write_json(folder / TIMING, seconds)
+        (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing will resume it
+        return status
+
+    def _record_error(
+        self, study: Any, trial: Any, folder: Path, tracker: Any, exc: Exception
+    ) -> str:
+        """Fail a trial that raised (its traceback in error.txt) and retry it; its reason."""
+        failure = failure_reason(exc)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ERROR).write_text(traceback.format_exc())
+        if tracker is not None:
+            tracker.finish(status="failed", reason=failure)
+        if failure == OUT_OF_MEMORY:
+            with contextlib.suppress(Exception):  # the reason says it even if this fails
+                trial.set_user_attr("error", one_line(exc))
+        if fail_trial(study, trial, failure):
+            requeue(study, _frozen(study, trial), lost=False)
+        return failure
+
+    @staticmethod
+    def _tell(
+        study: Any,
+        trial: Any,
+        state: Any,
+        value: float | None,
+        attrs: dict[str, Any],
+        seconds: dict[str, float],
+    ) -> bool:
+        """Record the outcome in the storage; False when another worker took the trial for lost
+        (no heartbeat for too long) and retried it meanwhile."""
         from optuna.exceptions import UpdateFinishedTrialError
 
         try:
-            trial.set_user_attr("status", status)
-            if reason is not None:
-                trial.set_user_attr("reason", reason)
-            trial.set_user_attr("epochs", len(result.history))
+            for key, attr in attrs.items():
+                if attr is not None:
+                    trial.set_user_attr(key, attr)
             trial.set_user_attr("seconds", seconds)
             t_tell = time.perf_counter()
             study.tell(trial, value, state=state)
         except (UpdateFinishedTrialError, ValueError):
             if _frozen(study, trial).state.is_finished():
-                # Another worker took it for lost (no heartbeat for too long) and retried it.
-                return "lost"
+                return False
             raise
         seconds["tell"] = round(time.perf_counter() - t_tell, 4)
         seconds["overhead"] = round(seconds["overhead"] + seconds["tell"], 4)
-        self.timings.append(seconds)
-        write_json(folder / TIMING, seconds)
-        (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing will resume it
-        return status
+        return True
 
     def _take_checkpoint(self, trial: Any, cfg: Any, folder: Path) -> dict[str, Any] | None:
         """Move the last checkpoint of the trial this one redoes into ``folder``.

@@ -17,7 +17,7 @@ import shutil
 import sys
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,8 @@ from sweeps.tracking import WandbCallback
 
 __all__ = ["FinalsResult", "run_final", "run_finals"]
 
+#: Measures one trained model's flatness (see ``sweeps.finals.flatness``).
+Measure = Callable[[Any], dict[str, Any]]
 #: Outcomes a rerun skips: complete, and diverged (deterministic, so a rerun would diverge again).
 DONE_STATES = ("complete", "diverged")
 
@@ -145,15 +147,6 @@ def _model_from_checkpoint(cfg: Any, folder: Path) -> Any | None:
     return model.to(resolve_device(cfg.train.device))
 
 
-def _flatness(
-    model: Any, sample: Sequence[Any], job: FinalJob, spec: SweepSpec, settings: FlatnessSettings
-) -> dict[str, Any]:
-    rho = flatness_rho(spec, job.cfg)
-    return measure_flatness(
-        model, sample, rho=rho, adaptive=job.cfg.optim.adaptive, settings=settings
-    )
-
-
 def _retire(folder: Path, run: RunFolder, job: FinalJob, trial: Any) -> None:
     """Move a final that belongs to another trial out of the way, keeping it for inspection."""
     stale_root = run.stale_finals
@@ -172,46 +165,42 @@ def _retire(folder: Path, run: RunFolder, job: FinalJob, trial: Any) -> None:
     )
 
 
-def run_final(
-    job: FinalJob,
-    spec: SweepSpec,
-    run: RunFolder,
-    sample: Sequence[Any] | None,
-    settings: FlatnessSettings,
-    *,
-    verbose: bool = True,
+def _record(job: FinalJob, summary: dict[str, Any], outcome: str) -> FinalRecord:
+    return FinalRecord(
+        job.optimizer, job.rank, job.seed, job.dir, summary, job.identity(), outcome=outcome
+    )
+
+
+def _finish_done(job: FinalJob, measure: Measure | None) -> FinalRecord | None:
+    """The record of a final already done (adding flatness a crash left out), or None when it
+    still has to train; a done final whose model is gone is cleared to train again."""
+    folder = job.dir
+    summary = read_json(folder / SUMMARY)
+    if summary is None or summary.get("status") not in DONE_STATES:
+        return None
+    if summary["status"] == "diverged" or measure is None or "flatness" in summary:
+        return _record(job, summary, "skipped")
+    model = _model_from_checkpoint(job.cfg, folder)  # trained, but flatness never written
+    if model is not None:
+        summary["flatness"] = measure(model)
+        summary["final"] = job.identity()
+        write_json(folder / SUMMARY, summary)
+        return _record(job, summary, "flatness added")
+    for name in (SUMMARY, METRICS, CHECKPOINT):  # its model is gone: train again
+        (folder / name).unlink(missing_ok=True)
+    return None
+
+
+def _train(
+    job: FinalJob, spec: SweepSpec, run: RunFolder, measure: Measure | None, verbose: bool
 ) -> FinalRecord:
-    """Train (or resume, or skip) one final and add its flatness metrics to summary.json."""
+    """Train (or resume) one final with its W&B run; a failure is recorded, not raised."""
     from msam.trainer import run_train
 
     folder = job.dir
-    identity = job.identity()
-
-    def record(summary: dict[str, Any], outcome: str) -> FinalRecord:
-        return FinalRecord(
-            job.optimizer, job.rank, job.seed, folder, summary, identity, outcome=outcome
-        )
-
-    recorded = read_json(folder / FINAL_JOB)
-    if folder.exists() and not job.owns(recorded):
-        _retire(folder, run, job, (recorded or {}).get("trial"))
-    summary = read_json(folder / SUMMARY)
-    wants_flatness = settings.enabled and sample is not None
     resume = (folder / CHECKPOINT).exists() or (folder / METRICS).exists()
-    if summary is not None and summary.get("status") in DONE_STATES:
-        if summary["status"] == "diverged" or not wants_flatness or "flatness" in summary:
-            return record(summary, "skipped")
-        model = _model_from_checkpoint(job.cfg, folder)  # trained, but flatness never written
-        if model is not None:
-            summary["flatness"] = _flatness(model, sample, job, spec, settings)
-            summary["final"] = identity
-            write_json(folder / SUMMARY, summary)
-            return record(summary, "flatness added")
-        for name in (SUMMARY, METRICS, CHECKPOINT):  # its model is gone: train again
-            (folder / name).unlink(missing_ok=True)
-        resume = False
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / FINAL_JOB, identity)
+    write_json(folder / FINAL_JOB, job.identity())
     tracker = final_tracker(job, spec, run)
     failure: str | None = None
     try:
@@ -238,17 +227,42 @@ def run_final(
         raise
     if failure is not None:  # out of the except block: the traceback's frames are unreachable
         release_memory()
-        summary = {"name": job.cfg.name, "status": "failed", "reason": failure, "final": identity}
+        summary = {"name": job.cfg.name, "status": "failed", "reason": failure}
+        summary["final"] = job.identity()
         write_json(folder / SUMMARY, summary)  # not a done state: a rerun retries it
-        return record(summary, "failed")
+        return _record(job, summary, "failed")
     summary = dict(result.summary)
-    if result.status == "complete" and wants_flatness:
-        summary["flatness"] = _flatness(result.model, sample, job, spec, settings)
-    summary["final"] = identity
+    if result.status == "complete" and measure is not None:
+        summary["flatness"] = measure(result.model)
+    summary["final"] = job.identity()
     write_json(folder / SUMMARY, summary)
     if tracker is not None:
         tracker.finish(summary)
-    return record(summary, "trained")
+    return _record(job, summary, "trained")
+
+
+def run_final(
+    job: FinalJob,
+    spec: SweepSpec,
+    run: RunFolder,
+    sample: Sequence[Any] | None,
+    settings: FlatnessSettings,
+    *,
+    verbose: bool = True,
+) -> FinalRecord:
+    """Train (or resume, or skip) one final and add its flatness metrics to summary.json."""
+    measure: Measure | None = None
+    if settings.enabled and sample is not None:
+        rho, adaptive = flatness_rho(spec, job.cfg), job.cfg.optim.adaptive
+
+        def measure(model: Any) -> dict[str, Any]:
+            return measure_flatness(model, sample, rho=rho, adaptive=adaptive, settings=settings)
+
+    recorded = read_json(job.dir / FINAL_JOB)
+    if job.dir.exists() and not job.owns(recorded):
+        _retire(job.dir, run, job, (recorded or {}).get("trial"))
+    done = _finish_done(job, measure)
+    return done if done is not None else _train(job, spec, run, measure, verbose)
 
 
 def _announce(record: FinalRecord, verbose: bool) -> None:
