@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -52,28 +52,63 @@ def ascent_scale(norm: Tensor, rho: float) -> Tensor:
     return torch.where(torch.isfinite(norm), rho / (norm + NORM_EPS), torch.zeros_like(norm))
 
 
+class AscentGroup(NamedTuple):
+    """Parameters that share a radius and a scaling, as in one of an optimizer's param groups."""
+
+    params: Sequence[Tensor]
+    grads: Sequence[Tensor]
+    rho: float
+    adaptive: bool
+
+
+def group_perturbations(groups: Sequence[AscentGroup]) -> tuple[list[list[Tensor]], Tensor]:
+    """The ascent step ``eps`` of every group and the one norm they were all scaled by.
+
+    The norm is taken over all parameters of all groups together (as in the paper), in float32
+    or wider, so that bf16/fp16 gradients do not overflow when squared; ASAM groups contribute
+    ``|w| g``. A non-finite norm gives a scale of 0 (:func:`ascent_scale`).
+    """
+    scaled = [
+        torch._foreach_mul(g.grads, [p.detach().abs() for p in g.params])
+        if g.adaptive
+        else list(g.grads)
+        for g in groups
+    ]
+    norms = torch._foreach_norm([s for group in scaled for s in group])
+    wide = torch.promote_types(norms[0].dtype, torch.float32)
+    norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
+    steps = []
+    for group, s in zip(groups, scaled, strict=True):
+        scale = ascent_scale(norm, group.rho)
+        if group.adaptive:
+            eps = torch._foreach_mul(s, [p.detach().abs() for p in group.params])
+        else:
+            eps = list(group.grads)
+        steps.append(torch._foreach_mul(eps, scale.to(eps[0].dtype) if eps else scale))
+    return steps, norm
+
+
 def perturbation(
     params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, adaptive: bool
 ) -> tuple[list[Tensor], Tensor]:
-    """The ascent step ``eps`` for ``grads`` and the norm it was scaled by.
+    """The ascent step ``eps`` for ``grads`` and the norm it was scaled by (one group)."""
+    steps, norm = group_perturbations([AscentGroup(params, grads, rho, adaptive)])
+    return steps[0], norm
 
-    The norm is taken over all parameters together, in float32 or wider, so that bf16/fp16
-    gradients do not overflow when squared.
+
+def zero_unless_finite(steps: Sequence[Tensor], norm: Tensor) -> list[Tensor]:
+    """``steps``, or exact zeros for all of them when ``norm`` is not finite.
+
+    A scale of 0 still leaves NaN where a gradient entry is inf or NaN (0 * inf). Callers that
+    hand the perturbed weights to someone else (``msam.SAM.first_step``) need a zero step there;
+    ``msam.backward`` restores the weights itself and flags the gradient instead, and so skips
+    this one kernel per tensor. ``torch.where`` keeps it free of host synchronisation.
     """
-    if adaptive:
-        scaled = torch._foreach_mul(grads, [p.detach().abs() for p in params])
-    else:
-        scaled = list(grads)
-    norms = torch._foreach_norm(scaled)
-    wide = torch.promote_types(norms[0].dtype, torch.float32)
-    norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
-    scale = ascent_scale(norm, rho)
-    if adaptive:
-        eps = torch._foreach_mul(scaled, [p.detach().abs() for p in params])
-    else:
-        eps = list(grads)
-    eps = torch._foreach_mul(eps, scale.to(eps[0].dtype) if eps else scale)
-    return eps, norm
+    finite = torch.isfinite(norm)
+    return [
+        torch.where(finite.to(s.device), s, torch.zeros((), dtype=s.dtype, device=s.device))
+        for s in steps
+    ]
 
 
 def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:

@@ -14,7 +14,12 @@ from typing import Any
 
 import torch
 
-from msam._backward import NORM_EPS
+from msam._strategies._common import (
+    AscentGroup,
+    clone_all,
+    group_perturbations,
+    zero_unless_finite,
+)
 
 
 class SAM(torch.optim.Optimizer):
@@ -52,30 +57,31 @@ class SAM(torch.optim.Optimizer):
         self.defaults.update(self.base_optimizer.defaults)
 
     def _with_grad(self) -> list[tuple[dict, list[torch.Tensor]]]:
-        return [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        """Each param group with those of its parameters that have a gradient (if any do)."""
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        return [(g, ps) for g, ps in groups if ps]
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to ``w + eps`` (the ascent step), remembering ``w`` exactly."""
-        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
-        groups = [(g, ps) for g, ps in groups if ps]
+        """Move to ``w + eps`` (the ascent step), remembering ``w`` exactly.
+
+        ``eps`` is ``msam.backward``'s ascent step (one norm over every parameter of every group,
+        as in the paper; ASAM scales by ``|w|``), so both give the same perturbation. A non-finite
+        gradient norm gives a zero step: the weights stay finite and the non-finite gradient of
+        the second pass reaches the base optimizer (or a GradScaler, which skips the step).
+        """
+        groups = self._with_grad()
         if groups:
-            # One norm over every parameter of every group, as in the paper; ASAM scales by |w|.
-            scaled = [
-                torch._foreach_mul([p.grad for p in ps], [p.abs() for p in ps])
-                if g["adaptive"]
-                else [p.grad for p in ps]
-                for g, ps in groups
-            ]
-            norms = [n for s in scaled for n in torch._foreach_norm(s)]
-            wide = torch.promote_types(norms[0].dtype, torch.float32)
-            norm = torch.linalg.vector_norm(torch.stack([n.to(wide) for n in norms]))
-            for (group, ps), s in zip(groups, scaled, strict=True):
-                for p in ps:
-                    self.state[p]["old_p"] = p.detach().clone()
-                eps = torch._foreach_mul(s, [p.abs() for p in ps]) if group["adaptive"] else s
-                scale = (group["rho"] / (norm + NORM_EPS)).to(ps[0].dtype)
-                torch._foreach_add_(ps, torch._foreach_mul(eps, scale))
+            steps, norm = group_perturbations(
+                [
+                    AscentGroup(ps, [p.grad for p in ps], group["rho"], group["adaptive"])
+                    for group, ps in groups
+                ]
+            )
+            for (_, ps), eps in zip(groups, steps, strict=True):
+                for p, old in zip(ps, clone_all(ps), strict=True):
+                    self.state[p]["old_p"] = old
+                torch._foreach_add_(ps, zero_unless_finite(eps, norm))
         # Autocast caches low-precision weight copies per region: drop them, or a perturbed pass
         # in the same region would run at the unperturbed weights.
         torch.clear_autocast_cache()
@@ -98,15 +104,21 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Whole update; ``closure`` does a full forward-backward (``loss.backward()``)."""
+        """Whole update; ``closure`` does a full forward-backward (``loss.backward()``).
+
+        As in davda54/sam, the ascent step uses the gradient already in ``.grad`` (the caller's
+        own ``loss.backward()``) and the closure runs once, at ``w + eps``. When no parameter has
+        a gradient (after ``zero_grad()``), the closure first runs at ``w`` to compute it.
+        Returns the loss of the closure's first call.
+        """
         if closure is None:
             raise RuntimeError("SAM.step needs a closure that recomputes the loss and gradients")
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        loss = None if self._with_grad() else closure()
         self.first_step(zero_grad=True)
-        closure()
+        perturbed_loss = closure()
         self.second_step()
-        return loss
+        return perturbed_loss if loss is None else loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
