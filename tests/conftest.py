@@ -1,4 +1,5 @@
-"""Test settings: W&B offline and quiet, one torch thread (tiny models), the ``kind`` fixture."""
+"""Test settings: W&B offline and quiet, one torch thread (tiny models), the ``kind`` fixture,
+and the sweep fixtures of tests/helpers/fixtures.py for every test."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import os
 
 import pytest
 import torch
-from tinymodels import MODELS
+from helpers.tinymodels import MODELS
+
+pytest_plugins = ["helpers.fixtures"]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from sweep_fixtures import TINY_SPEC, _merge, snapshot
+from helpers import REPO
+from helpers.sweep import TINY_SPEC, merge, snapshot
 
 from sweeps.cli import main
 
@@ -198,7 +199,7 @@ def write_source(folder: Path, command: str, source: Source) -> Path:
         return path
     if isinstance(source, dict):
         good = GOOD_TRAIN if command == "train" else TINY_SPEC
-        raw = _merge(good, source)
+        raw = merge(good, source)
         if "search" in source:  # a new search space, not a merge into the good one
             raw["search"] = source["search"]
         source = yaml.safe_dump(raw, sort_keys=False)
@@ -327,7 +328,7 @@ def test_a_config_error_answers_before_torch_is_imported(tmp_path):
         "heavy = sorted({'torch', 'timm', 'optuna', 'wandb'} & set(sys.modules))\n"
         "print(codes, heavy)\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True
     )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
+from helpers.sweep import check_exact, offline_runs
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, offline_runs
 
 from sweeps.cli import main
 

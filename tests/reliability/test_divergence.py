@@ -5,12 +5,12 @@ crash), its W&B run says so, and the sweep goes on to its exact budget."""
 from __future__ import annotations
 
 import pytest
+from helpers.sweep import check_exact, offline_runs, rerun
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, offline_runs, rerun
 
-from sweeps.studies import ensure_studies, load_study
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, resolve_storage
+from sweeps.studies import ensure_studies, load_study
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the diverging points lie off the range

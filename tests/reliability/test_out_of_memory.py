@@ -9,8 +9,8 @@ import weakref
 
 import pytest
 import torch
+from helpers.sweep import check_exact, offline_runs, rerun
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, offline_runs, rerun
 
 import msam.trainer
 from sweeps.faults import is_out_of_memory

@@ -4,7 +4,7 @@ while a larger budget or other final-stage settings carry on the same studies.""
 
 from __future__ import annotations
 
-from sweep_fixtures import check_exact, snapshot
+from helpers.sweep import check_exact, snapshot
 
 from sweeps.cli import main
 

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from msam.config import parse_train_config
 from msam.data import build_data
 from msam.errors import UserError
 from msam.trainer import CHECKPOINT, load_checkpoint, run_train
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -85,9 +84,9 @@ def test_every_loader_in_the_code_is_a_safe_one():
 
     assert issubclass(_UniqueKeyLoader, yaml.SafeLoader)
     unsafe = []
-    for path in sorted((ROOT / "msam").rglob("*.py")) + sorted((ROOT / "sweeps").rglob("*.py")):
+    for path in sorted((REPO / "msam").rglob("*.py")) + sorted((REPO / "sweeps").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            where = f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+            where = f"{path.relative_to(REPO)}:{number}: {line.strip()}"
             if "torch.load(" in line and "weights_only=True" not in line:
                 unsafe.append(where)
             if re.search(r"yaml\.(unsafe_load|full_load|load)\(", line) and (

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sweeps import _launch
-from sweeps.engine.launch import STORAGE_ENV, Slot, WorkerPool
 from sweeps.cli import main
+from sweeps.engine import launch
+from sweeps.engine.launch import STORAGE_ENV, Slot, WorkerPool
 from sweeps.storage import mask_url
 
 PASSWORD = "S3cret/Pw-123"  # a "/" is legal in a database URL's password
@@ -92,7 +92,7 @@ def test_launcher_hands_the_storage_over_in_the_environment(tmp_path, monkeypatc
     url = "postgresql://u:" + PASSWORD + "@h/db"
     started: list[tuple[list[str], dict[str, str]]] = []
     monkeypatch.setattr(
-        _launch.subprocess, "Popen", lambda command, env, **_: started.append((command, env))
+        launch.subprocess, "Popen", lambda command, env, **_: started.append((command, env))
     )
     WorkerPool([Slot(0), Slot(1, gpu=0)], tmp_path / "spec.yaml", url, tmp_path).start()
     assert len(started) == 2

@@ -10,11 +10,11 @@ import signal
 import time
 
 import pytest
+from helpers.sweep import check_exact, finished_states, offline_runs, rerun
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, finished_states, offline_runs, rerun
 
-from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.cli import main
+from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.finals.run import FlatnessSettings
 
 

@@ -8,15 +8,15 @@ import json
 import warnings
 
 import pytest
+from helpers.sweep import check_exact, finished_states, rerun
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, finished_states, rerun
 
 from msam.trainer import run_train
-from sweeps.studies import ensure_studies, load_study
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, repair_journal, resolve_storage
+from sweeps.studies import ensure_studies, load_study
 
 RECORD = b'{"op_code":0,"worker_id":"w","study_name":"s","directions":[1]}\n'
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import wandb
+from helpers.sweep import check_exact
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact
 
 from sweeps.cli import main
 from sweeps.finals.run import FlatnessSettings

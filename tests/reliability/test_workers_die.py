@@ -11,8 +11,8 @@ import json
 import os
 import signal
 
+from helpers.sweep import check_exact, finished_states, offline_runs, rerun
 from optuna.trial import TrialState
-from sweep_fixtures import check_exact, finished_states, offline_runs, rerun
 
 OPTIMIZERS = ["sgd", "sam", "msam"]
 

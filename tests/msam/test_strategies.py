@@ -8,8 +8,8 @@ import copy
 
 import pytest
 import torch
-from test_backward import reference_msam
-from tinymodels import make_batch, make_model
+from helpers.reference import reference_msam
+from helpers.tinymodels import make_batch, make_model
 from torch import nn
 from torch.nn.functional import cross_entropy
 

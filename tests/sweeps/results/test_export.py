@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_finals import (  # the shared tiny sweep and its helpers
+from helpers import REPO
+from helpers.finals import (
     NAME,
     copy_sweep,
     make_sweep,
-    shared_tiny_sweep,
 )
 
 from msam.config import TrainConfig, parse_train_config
@@ -22,14 +22,6 @@ from msam.errors import UserError
 from sweeps.cli import main
 from sweeps.results.export import export_tuned
 from sweeps.results.leaderboard import run_leaderboard
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory):
-    return shared_tiny_sweep(tmp_path_factory)
-
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -81,7 +73,7 @@ def test_tuned_yaml_runs_with_msam_train(exported, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "sweeps.cli", "train", str(config), "--out", str(tmp_path / "run")]
         + ["--set", "train.epochs=1"],
-        cwd=ROOT,
+        cwd=REPO,
         env=env,
         capture_output=True,
         text=True,

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from msam.callbacks import Callback
 from msam.config import parse_train_config
 from msam.errors import UserError
 from msam.trainer import CHECKPOINT, METRICS, SUMMARY, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"seconds", "images_per_s"}
 
 
@@ -155,7 +155,7 @@ def test_optimizers_see_identical_batches():
         assert torch.equal(x, seen[0][0]) and torch.equal(y, seen[0][1])
 
 
-def _cli(*args, cwd=ROOT, env=None):
+def _cli(*args, cwd=REPO, env=None):
     return subprocess.run(
         [sys.executable, "-m", "sweeps.cli", *args],
         capture_output=True,
@@ -213,7 +213,7 @@ def test_torchrun_ddp_on_gloo(tmp_path):
         ],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=REPO,
         timeout=280,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -1,6 +1,7 @@
-"""Sweep fixtures, shared by tests/sweeps and tests/reliability: tiny specs (digits,
-test_resnet, one CPU thread; a trial takes a second or two), throwaway PostgreSQL and Redis
-databases, sweeps started in subprocesses, and a reader for a sweep's trials."""
+"""The sweep fixtures, registered for every test by ``pytest_plugins`` in tests/conftest.py:
+tiny spec files, ``msam`` in subprocesses (one torch thread, offline W&B), throwaway PostgreSQL and
+Redis databases (skipped, with the reason, where their servers cannot be reached) and readers of
+a sweep's trials."""
 
 from __future__ import annotations
 
@@ -16,38 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-REDIS = "redis://127.0.0.1:6379"
-
-TINY_SPEC: dict[str, Any] = {
-    "name": "tiny",
-    "base": {
-        "data": {"dataset": "digits", "subset": 768, "val_fraction": 0.25},
-        "model": {"name": "test_resnet"},
-        "optim": {"base": "sgd", "momentum": 0.9, "lr": 0.1},
-        "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "amp": "none"},
-        "tracking": {"wandb": {"mode": "offline"}},
-    },
-    "optimizers": ["sgd", "sam", "msam"],
-    "search": {
-        "lr": {"low": 0.02, "high": 0.3, "log": True},
-        "rho": {"low": 0.01, "high": 0.2, "log": True},
-        "micro_batches": {"choices": [2, 4, 8]},
-    },
-    "budget": {"trials": 2, "sampler": "random", "pruner": "none", "seed": 0},
-    "final": {"seeds": 0},
-}
-
-
-def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+from helpers import REPO
+from helpers.sweep import PG, REDIS, TINY_SPEC, merge, open_storage
 
 
 @pytest.fixture
@@ -56,7 +27,7 @@ def write_spec(tmp_path: Path) -> Callable[..., Path]:
     (``search`` is replaced as a whole)."""
 
     def write(**changes: Any) -> Path:
-        raw = _merge(TINY_SPEC, {k: v for k, v in changes.items() if k != "search"})
+        raw = merge(TINY_SPEC, {k: v for k, v in changes.items() if k != "search"})
         raw["search"] = changes.get("search", TINY_SPEC["search"])  # a new space, not a merge
         path = tmp_path / f"spec-{uuid.uuid4().hex[:6]}.yaml"
         path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -93,13 +64,6 @@ def msam_cli(env: dict[str, str]) -> Callable[..., subprocess.CompletedProcess]:
         )
 
     return run
-
-
-def open_storage(url_or_path: str | Path) -> Any:
-    from sweeps.storage import open_storage as _open
-    from sweeps.storage import resolve_storage
-
-    return _open(resolve_storage(str(url_or_path), Path(".")))
 
 
 @pytest.fixture
@@ -230,44 +194,3 @@ def running_trials() -> Callable[..., list[Any]]:
         raise TimeoutError("no trial reached its second epoch in time")
 
     return wait
-
-
-def finished_states() -> tuple[Any, ...]:
-    from optuna.trial import TrialState
-
-    return (TrialState.COMPLETE, TrialState.PRUNED)
-
-
-def check_exact(trials: dict[str, list[Any]], budget: int) -> None:
-    """Every study has exactly ``budget`` finished trials, none left running or waiting, and
-    each trial number once."""
-    from optuna.trial import TrialState
-
-    for opt, ts in trials.items():
-        states = [t.state for t in ts]
-        assert sum(s in finished_states() for s in states) == budget, (opt, states)
-        assert TrialState.RUNNING not in states and TrialState.WAITING not in states, opt
-        numbers = [t.number for t in ts]
-        assert numbers == sorted(set(numbers)), opt
-
-
-def rerun(spec: Path, out: Path, *extra: str) -> int:
-    """The same ``msam sweep`` command again, in this process (tuning only)."""
-    from sweeps.cli import main
-
-    return main(["sweep", str(spec), "--out", str(out), "--stage", "tune", *extra])
-
-
-def offline_runs(out: Path) -> dict[str, Any]:
-    """The W&B runs a sweep wrote offline under ``out``, read back from their logs, by run id."""
-    from sweeps.tracking.wandb_runs import find_offline_runs, read_offline_run
-
-    return {r.run_id: r for r in map(read_offline_run, find_offline_runs(out))}
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes | None, int]]:
-    """Every entry under ``folder`` (and itself): its bytes (None for a folder) and its mtime."""
-    return {
-        str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-        for p in sorted([folder, *folder.rglob("*")])
-    }

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import REPO
+from helpers.sweep import offline_runs
 from optuna.trial import TrialState
-from sweep_fixtures import offline_runs
 
 from sweeps.cli import main
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import mask_url, resolve_storage
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-SHIPPED = sorted((Path(__file__).resolve().parents[2] / "configs" / "sweeps").glob("*.yaml"))
+SHIPPED = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
 def sweep(spec: Path, out: Path, *extra: str) -> int:
@@ -82,8 +83,8 @@ def test_exact_budget_conditional_spaces_baseline_and_resume(tmp_path, write_spe
 def test_pruned_diverged_and_failed_trials(tmp_path, write_spec, read_trials):
     """A bad lr is pruned early, a huge one diverges (pruned with its reason), a trial that raises
     fails, is retried once with the same parameters, and the budget is still met exactly."""
-    from sweeps.studies import ensure_studies, load_study
     from sweeps.storage import open_storage
+    from sweeps.studies import ensure_studies, load_study
 
     spec_path = write_spec(
         optimizers=["sgd"],
@@ -204,9 +205,9 @@ def test_storage_urls():
 def test_live_view_table_on_a_terminal_and_lines_elsewhere(tmp_path, write_spec, capsys):
     from rich.console import Console
 
-    from sweeps.studies import ensure_studies
     from sweeps.engine.live import LiveView, best_table
     from sweeps.storage import open_storage
+    from sweeps.studies import ensure_studies
 
     spec = load_sweep_spec(write_spec())
     storage = open_storage(resolve_storage(None, tmp_path))

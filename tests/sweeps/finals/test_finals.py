@@ -2,32 +2,35 @@
 results land, that seeds pair runs across optimizers, that reruns resume instead of redoing, and
 that flatness and W&B hooks are attached to each final.
 
-``tiny_sweep`` (a sweep folder with studies made by ``create_trial`` and real finals, 2 seeds per
-optimizer) is shared with the leaderboard, report and export tests, which import it from here.
+``tiny_sweep`` (tests/sweeps/conftest.py: a sweep folder with studies made by ``create_trial``
+and real finals, 2 seeds per optimizer) is shared with the results tests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import sys
-import time
-import types
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 
 import optuna
 import pytest
 import torch
-import yaml
-from optuna.distributions import CategoricalDistribution, FloatDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from helpers.finals import (
+    FLATNESS,
+    NAME,
+    POINTS,
+    add_trials,
+    copy_sweep,
+    journal,
+    make_sweep,
+    spec_of,
+)
+from helpers.wandb_offline import find_offline_runs, read_offline_run
 
+import sweeps.finals.run
+import sweeps.tracking
+import sweeps.tracking.wandb_runs
 from msam.callbacks import Callback
-from sweeps.results.read import FINAL_JOB, final_dir, ranked_trials, read_finals
 from sweeps.finals.run import (
     FlatnessSettings,
     final_epochs,
@@ -36,134 +39,7 @@ from sweeps.finals.run import (
     run_final,
     run_finals,
 )
-from sweeps.spec import parse_sweep_spec
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-NAME = "digits-tiny"
-SPEC = {
-    "name": NAME,
-    "base": {
-        "data": {"dataset": "digits", "subset": 320},
-        "model": {"name": "test_resnet"},
-        "train": {"epochs": 1, "batch_size": 64, "device": "cpu"},
-        "tracking": {"wandb": {"mode": "disabled"}},
-    },
-    "optimizers": ["sgd", "sam", "msam"],
-    "search": {
-        "lr": {"low": 0.01, "high": 0.5, "log": True},
-        "rho": {"low": 0.01, "high": 0.2, "log": True},
-        "micro_batches": {"choices": [2, 4]},
-    },
-    "budget": {"trials": 5},
-    "final": {"top_k": 1, "seeds": 2, "epochs": 1},
-}
-DISTRIBUTIONS = {
-    "lr": FloatDistribution(0.01, 0.5, log=True),
-    "rho": FloatDistribution(0.01, 0.2, log=True),
-    "micro_batches": CategoricalDistribution([2, 4]),
-}
-# (lr, rho, micro_batches, validation accuracy) of the complete trials of every study
-POINTS = [(0.05, 0.05, 2, 0.80), (0.2, 0.1, 2, 0.90), (0.02, 0.02, 4, 0.70)]
-#: Small enough for a CPU test, large enough to exercise every metric.
-FLATNESS = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
-
-
-def spec_of(**changes) -> object:
-    raw = json.loads(json.dumps(SPEC))
-    for dotted, value in changes.items():
-        node = raw
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node[key]
-        node[last] = value
-    return parse_sweep_spec(raw)
-
-
-def journal(run_dir: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
-
-
-def add_trials(storage, spec, optimizer: str, points, *, pruned: int = 1, failed: int = 1):
-    """A study ``<name>/<optimizer>`` as a sweep leaves it: complete, pruned and failed trials."""
-    study = optuna.create_study(
-        storage=storage,
-        study_name=f"{spec.name}/{optimizer}",
-        direction="maximize",
-        load_if_exists=True,
-    )
-    keys = spec.search.searched(optimizer)
-    for lr, rho, m, value in points:
-        params = {k: v for k, v in {"lr": lr, "rho": rho, "micro_batches": m}.items() if k in keys}
-        study.add_trial(
-            optuna.trial.create_trial(
-                params=params,
-                distributions={k: DISTRIBUTIONS[k] for k in keys},
-                value=value,
-                intermediate_values={1: value},
-                user_attrs={"epochs": 1},
-            )
-        )
-    for _ in range(pruned):
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={k: DISTRIBUTIONS[k].low for k in keys if k != "micro_batches"},
-                distributions={k: DISTRIBUTIONS[k] for k in keys if k != "micro_batches"},
-                state=optuna.trial.TrialState.PRUNED,
-                intermediate_values={1: 0.1},
-            )
-        )
-    for _ in range(failed):
-        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
-    return study
-
-
-def make_sweep(run_dir: Path, spec=None, points=POINTS) -> tuple[object, JournalStorage]:
-    """A run folder as tuning leaves it: spec.yaml and a journal with one study per optimizer."""
-    spec = spec or spec_of()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
-    storage = journal(run_dir)
-    for optimizer in spec.optimizers:
-        add_trials(storage, spec, optimizer, points)
-    return spec, storage
-
-
-@dataclass
-class TinySweep:
-    spec: object
-    run_dir: Path
-    records: list
-
-
-_BUILT: dict[str, TinySweep] = {}
-
-
-def shared_tiny_sweep(tmp_path_factory) -> TinySweep:
-    """A finished tiny sweep: 3 studies and 2 seeds x 3 optimizers of real final runs.
-
-    Built once per session for every test module that asks (each wraps this in its own
-    ``tiny_sweep`` fixture). Tests that change it work on a copy (``copy_sweep``).
-    """
-    if "sweep" not in _BUILT:
-        run_dir = tmp_path_factory.mktemp("sweep") / NAME
-        spec, _ = make_sweep(run_dir)
-        args = argparse.Namespace(out=run_dir, storage=None)
-        records = run_finals(spec, args, None, flatness=FLATNESS, verbose=False)
-        _BUILT["sweep"] = TinySweep(spec, run_dir, records)
-    return _BUILT["sweep"]
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory) -> TinySweep:
-    return shared_tiny_sweep(tmp_path_factory)
-
-
-def copy_sweep(sweep: TinySweep, dest: Path) -> Path:
-    target = dest / NAME
-    shutil.copytree(sweep.run_dir, target)
-    return target
-
+from sweeps.results.read import FINAL_JOB, final_dir, ranked_trials, read_finals
 
 # ----------------------------------------------------------------------------- selection
 
@@ -343,22 +219,20 @@ class BrokenCallback(Callback):
 
 
 def _with_tracking(monkeypatch, callback_class) -> None:
-    module = types.ModuleType("sweeps.tracking.wandb_runs")
-    module.WandbCallback = callback_class
-    monkeypatch.setitem(sys.modules, "sweeps.tracking.wandb_runs", module)
+    """Finals make their tracker from ``WandbCallback``: replace it wherever it is imported from."""
+    monkeypatch.setattr(sweeps.tracking.wandb_runs, "WandbCallback", callback_class)
+    monkeypatch.setattr(sweeps.tracking, "WandbCallback", callback_class)
+    monkeypatch.setattr(sweeps.finals.run, "WandbCallback", callback_class, raising=False)
 
 
 def test_final_logs_a_wandb_run_with_flatness(tmp_path, monkeypatch):
-    tracking = pytest.importorskip("sweeps.tracking.wandb_runs")
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
     job = next(j for j in plan_finals(spec, storage, tmp_path) if j.optimizer == "sgd")
     run_final(job, spec, tmp_path, flatness_sample(job.cfg, FLATNESS), FLATNESS, verbose=False)
-    (folder,) = tracking.find_offline_runs(tmp_path)
-    deadline = time.monotonic() + 30  # W&B's writer may flush a moment after finish() returns
-    while (run := tracking.read_offline_run(folder)).exit_code is None:
-        assert time.monotonic() < deadline, "the offline run log never completed"
-        time.sleep(0.2)
+    (folder,) = find_offline_runs(tmp_path)
+    run = read_offline_run(folder, wait_s=30)  # W&B's writer may flush after finish() returns
+    assert run.exit_code is not None, "the offline run log never completed"
     assert run.job_type == "final" and run.group == NAME and run.name == f"{NAME}-sgd-seed0"
     assert {"final", "sgd", "seed0"} <= set(run.tags)
     assert run.config["final"]["trial"] == 1 and run.config["optim"]["name"] == "sgd"

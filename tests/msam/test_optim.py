@@ -8,7 +8,7 @@ import pytest
 import timm.optim
 import timm.scheduler
 import torch
-from tinymodels import make_batch, make_model
+from helpers.tinymodels import make_batch, make_model
 from torch.nn.functional import cross_entropy
 
 import msam

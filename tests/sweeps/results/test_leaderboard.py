@@ -8,28 +8,22 @@ from __future__ import annotations
 import glob
 import json
 import shutil
-import time
 from pathlib import Path
 
 import pytest
-from test_finals import (  # the shared tiny sweep and its helpers
+from helpers.finals import (
     NAME,
     add_trials,
     copy_sweep,
     journal,
     make_sweep,
-    shared_tiny_sweep,
     spec_of,
 )
+from helpers.wandb_offline import read_offline_run
 
-from sweeps.results.read import load_sweep
 from sweeps.cli import main
 from sweeps.results.leaderboard import build_leaderboard, log_leaderboard_to_wandb, run_leaderboard
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory):
-    return shared_tiny_sweep(tmp_path_factory)
+from sweeps.results.read import load_sweep
 
 
 def read_json(path: Path) -> dict:
@@ -123,21 +117,7 @@ def test_not_a_run_folder_is_a_user_error(tmp_path, capsys):
 # ----------------------------------------------------------------------------- W&B and secrets
 
 
-def read_finished_run(folder) -> object:
-    """The offline run once its log is complete: W&B's writer may still be flushing it for a
-    moment after ``finish()`` returns."""
-    from sweeps.tracking.wandb_runs import read_offline_run
-
-    deadline = time.monotonic() + 30
-    while True:
-        run = read_offline_run(folder)
-        if run.exit_code is not None or time.monotonic() > deadline:
-            return run
-        time.sleep(0.2)
-
-
 def test_wandb_leaderboard_run_offline(tiny_sweep, tmp_path, monkeypatch):
-    pytest.importorskip("sweeps.tracking.wandb_runs")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)  # a key in the environment must not leak
     run_dir = copy_sweep(tiny_sweep, tmp_path)
@@ -145,7 +125,7 @@ def test_wandb_leaderboard_run_offline(tiny_sweep, tmp_path, monkeypatch):
     board = build_leaderboard(results)
     folder = log_leaderboard_to_wandb(board, results)
     assert folder is not None and Path(folder).parent == run_dir / "wandb"
-    run = read_finished_run(folder)
+    run = read_offline_run(folder, wait_s=30)  # W&B may flush after finish() returns
     assert run.job_type == "leaderboard" and run.group == NAME
     assert run.name == f"{NAME}-leaderboard" and run.config["sweep"] == NAME
     summary = run.summary

@@ -10,25 +10,18 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_finals import (  # the shared tiny sweep and its helpers
+from helpers.finals import (
     POINTS,
     add_trials,
     copy_sweep,
     journal,
     make_sweep,
-    shared_tiny_sweep,
     spec_of,
 )
 
-from sweeps.results.read import load_sweep
 from sweeps.results.leaderboard import build_leaderboard
+from sweeps.results.read import load_sweep
 from sweeps.results.report import build_figures, importances, write_report
-
-
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory):
-    return shared_tiny_sweep(tmp_path_factory)
-
 
 SECTIONS = ["history", "params", "contour", "importance", "test", "flatness", "curves"]
 

@@ -4,6 +4,7 @@ run object), which mode ``auto`` picks, and that W&B trouble is a warning, never
 from __future__ import annotations
 
 import pytest
+from helpers.wandb_offline import read_offline_run
 
 from msam.config import parse_train_config
 from msam.errors import UserError
@@ -13,7 +14,6 @@ from sweeps.tracking.wandb_runs import (
     WandbCallback,
     find_offline_runs,
     has_credentials,
-    read_offline_run,
     resolve_mode,
     sync_run,
 )

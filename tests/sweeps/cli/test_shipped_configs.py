@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from helpers import REPO
 
 from msam.config import load_train_config
 from msam.data import dataset_info
 from msam.models import check_model
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "train").glob("*.yaml")), ids=str)
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=str)
 def test_train_configs(path):
     cfg = load_train_config(path)
     info = dataset_info(cfg.data.dataset)
