@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps.tracking.wandb_runs import find_offline_runs
+from sweeps.tracking import find_offline_runs
 
 __all__ = ["OfflineRun", "find_offline_runs", "read_offline_run"]
 

@@ -9,7 +9,7 @@ from helpers.wandb_offline import read_offline_run
 from msam.config import parse_train_config
 from msam.errors import UserError
 from msam.trainer import run_train
-from sweeps.tracking.wandb_runs import (
+from sweeps.tracking import (
     HISTORY_KEYS,
     WandbCallback,
     find_offline_runs,
