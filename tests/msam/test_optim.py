@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import timm.optim
@@ -12,6 +14,7 @@ from helpers.tinymodels import make_batch, make_model
 from torch.nn.functional import cross_entropy
 
 import msam
+import msam.optim
 
 LR, MOMENTUM, RHO, WD = 0.1, 0.9, 0.05, 1e-3
 
@@ -179,3 +182,104 @@ def test_msam_wraps_timm_optimizer_and_rejects_bad_args():
         msam.MSAM(model, base, micro_batches=0)
     with pytest.raises(ValueError, match="rho must be >= 0"):
         msam.SAM(model.parameters(), torch.optim.SGD, rho=-1.0, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "rho", "evals"),
+    [("sgd", 0.0, 1), ("sgd", 0.05, 1), ("sam", 0.05, 2), ("msam", 0.05, 2), ("msam", 0.0, 1)],
+)
+def test_grad_evals_per_update(optimizer, rho, evals):
+    from msam.config import parse_train_config
+    from msam.trainer import grad_evals_per_update as of_config
+
+    assert msam.optim.grad_evals_per_update(optimizer, rho) == evals
+    cfg = parse_train_config(
+        {"data": {"dataset": "digits"}, "optim": {"name": optimizer, "rho": rho}}
+    )
+    assert of_config(cfg) == evals
+
+
+def test_grad_evals_per_update_refuses_unknown_optimizers_and_needs_no_torch():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'"):
+        msam.optim.grad_evals_per_update("adam", 0.05)
+    code = (
+        "import sys; from msam.optim import grad_evals_per_update as g; "
+        "assert g('sam', 0.05) == 2; assert 'torch' not in sys.modules, 'imported torch'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_sam_two_step_is_msam_backward_with_one_micro_batch():
+    """SAM's ascent step is msam.backward's (one shared function): the same update, bitwise."""
+    model = make_model("conv_gn")
+    twin = copy.deepcopy(model)
+    opt = msam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    base = torch.optim.SGD(twin.parameters(), lr=LR, momentum=MOMENTUM)
+    for x, y in batches("conv_gn"):
+        cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        msam.backward(twin, cross_entropy, x, y, rho=RHO, micro_batches=1, strategy="loop")
+        base.step()
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "overflow"])
+def test_sam_first_step_with_a_non_finite_gradient_norm_leaves_weights_alone(kind):
+    """NaN or inf gradients, or finite ones whose norm overflows: no step, as in msam.backward
+    (its perturbation, shared), rather than NaN weights."""
+    model = make_model("conv_gn")
+    twin = copy.deepcopy(model)
+    dtype = next(model.parameters()).dtype
+    factor = {"nan": float("nan"), "inf": float("inf")}.get(kind, torch.finfo(dtype).max / 1e3)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = make_batch("conv_gn")
+
+    def loss_fn(out, target):
+        return cross_entropy(out, target) * factor
+
+    loss_fn(model(x), y).backward()
+    assert not torch.isfinite(
+        torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    )
+    opt = msam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR)
+    opt.first_step()
+    msam.backward(twin, loss_fn, x, y, rho=RHO, micro_batches=1, strategy="loop")
+    for p, q, b in zip(model.parameters(), twin.parameters(), before, strict=True):
+        assert torch.isfinite(p).all()
+        assert torch.equal(p, b) and torch.equal(q, b)
+    if kind != "overflow":  # the non-finite gradient is not hidden from the base optimizer
+        opt.second_step()
+        assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_step_with_closure_uses_the_gradient_already_there():
+    """davda54/sam's usage: the caller's backward gives the ascent direction, one closure call."""
+    model = make_model("mlp")
+    twin = copy.deepcopy(model)
+    opt = msam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    ref = msam.SAM(twin.parameters(), torch.optim.SGD, rho=RHO, lr=LR, momentum=MOMENTUM)
+    calls = []
+    for x, y in batches("mlp"):
+
+        def closure(x=x, y=y):
+            calls.append(1)
+            loss = cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        cross_entropy(model(x), y).backward()
+        perturbed_loss = opt.step(closure)
+        opt.zero_grad()
+        cross_entropy(twin(x), y).backward()
+        ref.first_step(zero_grad=True)
+        ref_loss = cross_entropy(twin(x), y)
+        ref_loss.backward()
+        ref.second_step(zero_grad=True)
+        assert torch.equal(perturbed_loss, ref_loss)
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert len(calls) == 3
