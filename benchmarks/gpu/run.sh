@@ -48,7 +48,7 @@ echo "== exactness of every strategy on $DEVICE"
   --json "$OUT_DIR/gpu-exact.json" || status=1
 for model in "$RESNET" "$VIT"; do
   echo "== bench speed $model"
-  "$PY" -m msam.bench speed --model "$model" --img-size $IMG --batch-size $BATCH \
+  "$PY" -m sweeps.cli bench speed --model "$model" --img-size $IMG --batch-size $BATCH \
     --micro-batches $MS --steps $STEPS --warmup $WARMUP --device "$DEVICE" --amp $AMP \
     --strategy all --json "$OUT_DIR/gpu-speed-$model.json" || status=1
 done

@@ -1,5 +1,9 @@
-"""``msam bench speed`` (step time of SGD, SAM and mSAM strategies, from ``msam.bench``) and
-``msam bench claims`` (the mSAM paper's claims, checked on a sweep spec's base config)."""
+"""``msam bench speed`` (step time of SGD, SAM and mSAM strategies, ``msam.bench``) and
+``msam bench claims`` (the mSAM paper's claims, checked on a sweep spec's base config).
+
+``bench speed`` needs neither optuna nor wandb: the GPU image runs it as
+``python -m sweeps.cli bench speed ...``.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from msam.bench.settings import AMP_MODES, CHANNELS_LAST_MODES, defaults
+from msam.errors import UserError
 from sweeps.cli._common import add_set_option
 
 
@@ -20,8 +26,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speed = kinds.add_parser(
         "speed",
         help="time SGD, SAM and mSAM updates (see `msam bench speed --help`)",
-        description="Times whole updates of SGD, SAM and mSAM for each m on synthetic data.",
+        description="Times whole updates of SGD, SAM and mSAM for each m on synthetic data "
+        "(msam.bench.measure_speed).",
+        formatter_class=_SpeedHelp,
     )
+    _add_speed_options(speed)
     speed.set_defaults(func=run_speed)
 
     claims = kinds.add_parser(
@@ -38,11 +47,97 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     claims.set_defaults(func=run_claims)
 
 
-def run_speed(args: argparse.Namespace) -> int:
-    """Only reached without options (``sweeps.cli`` hands ``bench speed ...`` to msam.bench)."""
-    from msam.bench import main
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
-    return main(["speed"])
+
+class _SpeedHelp(argparse.HelpFormatter):
+    """Lists the strategies by name, loading torch only when ``--help`` is asked for."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if action.dest == "strategy" and text:
+            from msam import STRATEGIES
+
+            text += ", ".join(STRATEGIES)
+        return text
+
+
+def _add_speed_options(sp: argparse.ArgumentParser) -> None:
+    """The options of ``msam bench speed``; defaults are ``msam.bench.SpeedSettings``'s."""
+    d = defaults()
+    sp.add_argument("--model", required=True, help="timm model name or alias (vit_tiny, ...)")
+    sp.add_argument("--img-size", type=int, default=d["img_size"], help="image side in pixels")
+    sp.add_argument("--in-chans", type=int, default=d["in_chans"], help="image channels")
+    sp.add_argument(
+        "--num-classes", type=int, default=d["num_classes"], help="classes of the synthetic labels"
+    )
+    sp.add_argument("--batch-size", type=int, required=True, help="images per update (B)")
+    sp.add_argument(
+        "--micro-batches",
+        type=_ints,
+        default=list(d["micro_batches"]),
+        help="mSAM m values, e.g. 1,2,4,8",
+    )
+    sp.add_argument("--steps", type=int, default=d["steps"], help="timed updates per configuration")
+    sp.add_argument(
+        "--warmup", type=int, default=d["warmup"], help="untimed updates per configuration"
+    )
+    sp.add_argument("--device", default=d["device"], help="cpu | cuda | cuda:N")
+    sp.add_argument("--amp", default=d["amp"], choices=sorted(AMP_MODES), help="autocast dtype")
+    sp.add_argument(
+        "--strategy",
+        default=d["strategy"],
+        help="mSAM strategies: all | auto | a comma-separated list of ",
+    )
+    sp.add_argument("--rho", type=float, default=d["rho"], help="SAM radius")
+    sp.add_argument(
+        "--channels-last", default=d["channels_last"], choices=list(CHANNELS_LAST_MODES)
+    )
+    sp.add_argument(
+        "--threads", type=int, default=d["threads"], help="torch CPU threads (default: torch's)"
+    )
+    sp.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    sp.add_argument("--seed", type=int, default=d["seed"])
+    sp.add_argument("--json", type=Path, default=None, help="write the records here")
+
+
+def run_speed(args: argparse.Namespace) -> int:
+    """Measure, print the table, write ``--json``; a bad setting exits 2 with one line."""
+    from msam.bench import SpeedSettings, measure_speed, print_table, write_records
+
+    try:
+        settings = SpeedSettings(
+            model=args.model,
+            batch_size=args.batch_size,
+            micro_batches=tuple(args.micro_batches),
+            img_size=args.img_size,
+            in_chans=args.in_chans,
+            num_classes=args.num_classes,
+            steps=args.steps,
+            warmup=args.warmup,
+            device=args.device,
+            amp=args.amp,
+            strategy=args.strategy,
+            rho=args.rho,
+            channels_last=args.channels_last,
+            threads=args.threads,
+            memory=not args.no_memory,
+            seed=args.seed,
+        )
+        records = measure_speed(settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ValueError, UserError) as exc:
+        print(f"msam bench speed: {exc}", file=sys.stderr)
+        return 2
+    print_table(records)
+    if args.json is not None:
+        write_records(args.json, records)
+    return 0
 
 
 def run_claims(args: argparse.Namespace) -> int:

@@ -64,10 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _one_line_warning
     try:
-        if argv[:2] == ["bench", "speed"]:  # its own parser (msam.bench), options passed through
-            from msam.bench import main as bench_main
-
-            return bench_main(["speed", *argv[2:]])
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as exc:

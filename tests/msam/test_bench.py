@@ -1,16 +1,19 @@
-"""``python -m msam.bench speed``: the records it writes, and that its ratios come from its own
-measurements."""
+"""``msam bench speed`` (``msam.bench``): the records it writes, that its ratios come from its own
+measurements, that every option reaches :class:`msam.bench.SpeedSettings` with the defaults it
+always had, and that it runs where optuna and wandb are not installed (the GPU image)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
-import torch
+from helpers import REPO
 
 from msam import bench
+from sweeps.cli.main import main
 
 FIELDS = {
     "optimizer",
@@ -26,23 +29,14 @@ FIELDS = {
     "machine",
 }
 MACHINE = {"cpu", "cpu_cores", "torch", "timm", "python", "device", "device_name"}
+TINY = ["--model", "test_resnet", "--img-size", "16", "--batch-size", "8"]
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("bench") / "speed.json"
-    threads = torch.get_num_threads()
-    try:
-        status = bench.main(
-            [
-                "speed", "--model", "test_resnet", "--img-size", "16", "--batch-size", "8",
-                "--micro-batches", "1,2", "--steps", "2", "--warmup", "1",
-                "--strategy", "all", "--json", str(out),
-            ]
-        )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
-    assert status == 0
+    argv = ["bench", "speed", *TINY, "--micro-batches", "1,2", "--steps", "2", "--warmup", "1"]
+    assert main([*argv, "--strategy", "all", "--json", str(out)]) == 0
     return json.loads(out.read_text())
 
 
@@ -76,6 +70,83 @@ def test_table_prints_every_row(records, capsys):
     assert out.count("msam") == 3 and "xSAM" in out
 
 
+def test_markdown_table_of_a_results_file(records, tmp_path):
+    path = bench.write_records(tmp_path / "deeper" / "r.json", records)
+    lines = bench.markdown_table(bench.read_records(path)).splitlines()
+    assert lines[2].startswith("| optimizer | m | strategy")
+    assert len([line for line in lines if line.startswith("| msam")]) == 3
+
+
+@pytest.fixture
+def settings_seen(monkeypatch) -> list[bench.SpeedSettings]:
+    """What ``msam bench speed`` hands to the library, without measuring anything."""
+    seen: list[bench.SpeedSettings] = []
+
+    def fake(settings, *, log=None):
+        seen.append(settings)
+        return []
+
+    monkeypatch.setattr(bench, "measure_speed", fake)
+    return seen
+
+
+def test_defaults_are_those_the_command_always_had(settings_seen):
+    assert main(["bench", "speed", "--model", "resnet10t", "--batch-size", "64"]) == 0
+    assert settings_seen == [
+        bench.SpeedSettings(
+            model="resnet10t",
+            batch_size=64,
+            micro_batches=(1, 2, 4, 8),
+            img_size=32,
+            in_chans=3,
+            num_classes=10,
+            steps=10,
+            warmup=2,
+            device="cpu",
+            amp="none",
+            strategy="all",
+            rho=0.05,
+            channels_last="auto",
+            threads=None,
+            memory=True,
+            seed=0,
+        )
+    ]
+
+
+def test_every_option_reaches_the_settings(settings_seen, tmp_path):
+    out = tmp_path / "sub" / "speed.json"
+    argv = [
+        "bench", "speed", "--model", "vit_tiny", "--img-size", "24", "--in-chans", "1",
+        "--num-classes", "7", "--batch-size", "12", "--micro-batches", "1,3,6", "--steps", "4",
+        "--warmup", "0", "--device", "cuda:1", "--amp", "bf16", "--strategy", "loop,fused",
+        "--rho", "0.2", "--channels-last", "off", "--threads", "3", "--no-memory",
+        "--seed", "5", "--json", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert settings_seen == [
+        bench.SpeedSettings(
+            model="vit_tiny",
+            batch_size=12,
+            micro_batches=(1, 3, 6),
+            img_size=24,
+            in_chans=1,
+            num_classes=7,
+            steps=4,
+            warmup=0,
+            device="cuda:1",
+            amp="bf16",
+            strategy="loop,fused",
+            rho=0.2,
+            channels_last="off",
+            threads=3,
+            memory=False,
+            seed=5,
+        )
+    ]
+    assert json.loads(out.read_text()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -85,25 +156,93 @@ def test_table_prints_every_row(records, capsys):
     ],
 )
 def test_user_errors_exit_2(argv, message, capsys):
-    assert bench.main(["speed", *argv, "--steps", "1", "--no-memory"]) == 2
-    assert message in capsys.readouterr().err
+    assert main(["bench", "speed", *argv, "--steps", "1", "--no-memory"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("msam bench speed: ") and message in err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_runs_as_a_module_without_optuna_or_wandb():
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch-size", "8"],
+        [*TINY, "--micro-batches", "1,two"],
+        [*TINY, "--amp", "fp8"],
+        [*TINY, "--channels-last", "maybe"],
+    ],
+)
+def test_usage_errors_exit_2_in_one_line(argv, capsys):
+    assert main(["bench", "speed", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: msam bench speed: ") and len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_the_strategies(capsys):
+    assert main(["bench", "speed", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--micro-batches" in out and "graphed_batched" in out
+
+
+def test_settings_refuse_what_cannot_run():
+    with pytest.raises(ValueError, match=r"micro-batches \[3\] do not divide the batch size 8"):
+        bench.SpeedSettings(model="test_resnet", batch_size=8, micro_batches=[1, 3])
+    with pytest.raises(ValueError, match="amp must be one of"):
+        bench.SpeedSettings(model="test_resnet", batch_size=8, amp="fp8")
+    assert bench.SpeedSettings(model="m", batch_size=8, micro_batches=[1, 2]).micro_batches == (
+        1,
+        2,
+    )
+
+
+def test_library_imports_neither_optuna_nor_wandb():
     code = (
-        "import sys, msam.bench; "
-        "assert not {'optuna', 'wandb'} & set(sys.modules), 'imported a sweep dependency'; "
-        "sys.exit(msam.bench.main(['speed', '--help']))"
+        "import sys, msam.bench, msam.bench.speed; "
+        "assert not {'optuna', 'wandb', 'sweeps'} & set(sys.modules), 'imported a sweep layer'"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "--micro-batches" in done.stdout
 
 
-def test_markdown_table_of_a_results_file(records, tmp_path, capsys):
-    path = tmp_path / "r.json"
-    path.write_text(json.dumps(records))
-    assert bench.main(["table", str(path), "--markdown"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("| optimizer | m | strategy")
-    assert len([line for line in lines if line.startswith("| msam")]) == 3
+#: Runs ``python -m sweeps.cli ARGS`` where optuna and wandb cannot be imported, as on the GPU
+#: image (timm itself tries ``import wandb`` and carries on without it).
+WITHOUT_SWEEP_DEPENDENCIES = """
+import importlib.abc, runpy, sys
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("optuna", "wandb"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+for name in ("optuna", "wandb"):
+    try:
+        __import__(name)
+    except ImportError:
+        continue
+    sys.exit(f"{name} is still importable")
+sys.argv = ["msam", *sys.argv[1:]]
+runpy.run_module("sweeps.cli", run_name="__main__")
+"""
+
+
+def test_bench_speed_runs_without_optuna_and_wandb(tmp_path):
+    out = tmp_path / "speed.json"
+    argv = ["bench", "speed", *TINY, "--micro-batches", "1,2", "--steps", "1", "--warmup", "1"]
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_SWEEP_DEPENDENCIES, *argv, "--strategy", "loop"]
+        + ["--no-memory", "--threads", "1", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["optimizer"], r["micro_batches"]) for r in rows] == [
+        ("sgd", 1),
+        ("sam", 1),
+        ("msam", 2),
+    ]
+    assert "xSAM" in done.stdout
