@@ -2,12 +2,19 @@
 PostgreSQL database, one on Redis. Every study ends with exactly its budget, trial numbers are
 distinct, and no result is lost: each finished trial has its folder, its metrics and its W&B run,
 and the value in the storage is the last epoch's on disk. The databases are skipped (with the
-reason) only where their servers cannot be reached."""
+reason) only where their servers cannot be reached.
+
+The multi-worker runs (four on a journal, three on PostgreSQL) take half a minute each on two
+cores and are marked slow. Fast tests keep each storage covered end to end: one worker on
+PostgreSQL and one on Redis, in this process (exact budget, nothing lost), and the single-worker
+journal sweeps of tests/sweeps/engine/test_engine.py. Only racing workers need the slow runs.
+"""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 from helpers.sweep import check_exact, offline_runs
 from optuna.trial import TrialState
 
@@ -33,6 +40,7 @@ def check_nothing_lost(trials: dict, out) -> None:
             assert run.exit_code == 0 and run.config["trial"]["number"] == t.number
 
 
+@pytest.mark.slow
 def test_four_workers_on_one_journal_file(tmp_path, write_spec, msam_cli, read_trials):
     out = tmp_path / "run"
     spec = write_spec(budget={"trials": 3}, base={"train": {"epochs": 1}})
@@ -51,6 +59,7 @@ def test_four_workers_on_one_journal_file(tmp_path, write_spec, msam_cli, read_t
     )
 
 
+@pytest.mark.slow
 def test_three_workers_on_postgresql(tmp_path, write_spec, msam_cli, pg_url, read_trials):
     out = tmp_path / "run"
     spec = write_spec(budget={"trials": 2}, base={"train": {"epochs": 1}})
@@ -71,6 +80,18 @@ def test_three_workers_on_postgresql(tmp_path, write_spec, msam_cli, pg_url, rea
         main(["worker", str(out / "spec.yaml"), "--storage", pg_url, "--out", str(tmp_path)]) == 0
     )
     assert read_trials(pg_url, "tiny", OPTIMIZERS) == trials
+
+
+def test_one_worker_on_postgresql(tmp_path, write_spec, pg_url, read_trials):
+    out = tmp_path / "run"
+    spec = write_spec(optimizers=["sam"], budget={"trials": 2}, base={"train": {"epochs": 1}})
+    assert (
+        main(["sweep", str(spec), "--out", str(out), "--storage", pg_url, "--stage", "tune"]) == 0
+    )
+    assert not (out / "optuna.journal").exists()  # the database holds the studies
+    trials = read_trials(pg_url, "tiny", ["sam"])
+    check_exact(trials, 2)
+    check_nothing_lost(trials, out)
 
 
 def test_redis_journal(tmp_path, write_spec, redis_url, read_trials):

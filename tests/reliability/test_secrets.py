@@ -1,7 +1,13 @@
 """Secrets never leak: a password in the storage URL and ``WANDB_API_KEY`` appear in no terminal
 output, no file of the run folder (logs, spec, W&B logs, leaderboard, report, tuned defaults,
 trial and final folders) and no command line of the worker processes, which every user of a
-machine can read in ``/proc/<pid>/cmdline``. Where the storage is named, it is masked."""
+machine can read in ``/proc/<pid>/cmdline``. Where the storage is named, it is masked.
+
+The end-to-end check with two worker processes on PostgreSQL takes half a minute and is marked
+slow. Fast tests cover it: the same sweep with one worker in this process (output and every file
+of the run folder free of both secrets, the storage masked where named), the launcher handing the
+storage over in the environment instead of the command line, and ``mask_url``.
+"""
 
 from __future__ import annotations
 
@@ -124,6 +130,32 @@ def test_worker_storage_from_the_option_else_the_environment(
     assert not (tmp_path / "run").exists()
 
 
+def test_no_secret_in_the_output_or_files_of_a_one_worker_sweep(
+    tmp_path, write_spec, pg_url, monkeypatch, capsys
+):
+    monkeypatch.setenv("WANDB_API_KEY", API_KEY)  # W&B stays offline: nothing goes out
+    url = with_password(pg_url)
+    run_dir = tmp_path / "run"
+    spec = write_spec(
+        optimizers=["msam"],
+        base={"data": {"subset": 128}, "train": {"epochs": 1}},
+        budget={"trials": 1},
+        final={"seeds": 1},
+    )
+    assert main(["sweep", str(spec), "--out", str(run_dir), "--storage", url]) == 0
+    captured = capsys.readouterr()
+    places = {"msam sweep output": (captured.out + captured.err).encode()}
+    places.update(read_tree(run_dir, "after msam sweep"))
+    suffixes = {Path(place.split(" (")[0]).suffix for place in places}
+    assert {".wandb", ".jsonl", ".yaml", ".md", ".json", ".html"} <= suffixes, suffixes
+    leaked = {place: found for place, data in places.items() if (found := leaks(data))}
+    assert not leaked
+    masked = url.replace(PASSWORD, "***").encode()
+    for name in ("leaderboard.md", "leaderboard.json", "tuned/tiny-msam.yaml"):
+        assert masked in places[f"{name} (after msam sweep)"], name
+
+
+@pytest.mark.slow
 def test_no_secret_in_outputs_files_or_command_lines(
     tmp_path, write_spec, env, start_sweep, msam_cli, pg_url
 ):

@@ -1,9 +1,16 @@
 """Stopping a sweep: Ctrl-C or SIGTERM fail the running trials as ``interrupted`` (exit 130 or
 143), finish their W&B runs, and a rerun of the same command redoes them, continuing from their
-last epoch checkpoint; in the final stage, the running final stops the same way and resumes."""
+last epoch checkpoint; in the final stage, the running final stops the same way and resumes.
+
+Only the two-worker SIGTERM run is marked slow (half a minute on two cores): the fast tests here
+cover its parts, one worker stopped by Ctrl-C (interrupted, W&B run finished, rerun resumes from
+the checkpoint), SIGTERM exiting 143 with a resumable final, and a signal waiting for a shielded
+block, and the worker pool passing a stop signal to each of its workers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,8 +21,12 @@ from helpers.sweep import check_exact, finished_states, offline_runs, rerun
 from optuna.trial import TrialState
 
 from sweeps.cli import main
+from sweeps.engine import launch
+from sweeps.engine.launch import WorkerPool
 from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.finals.run import FlatnessSettings
+from sweeps.layout import RunFolder
+from sweeps.run import Slot
 
 
 def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_continues_it(
@@ -54,6 +65,7 @@ def test_ctrl_c_fails_the_trial_as_interrupted_and_a_rerun_continues_it(
     assert redo.value == json.loads(history[-1])["val_acc"]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_every_worker_exits_143_and_a_rerun_resumes(
     tmp_path, write_spec, start_sweep, running_trials, read_trials
 ):
@@ -101,6 +113,24 @@ def test_a_signal_waits_for_a_shielded_block_then_raises():
         steps.append("never reached")
     assert steps == ["the shielded block ran to its end"]
     assert stopped.value.exit_code == 143
+
+
+def test_the_worker_pool_passes_a_stop_signal_to_every_worker(tmp_path, monkeypatch):
+    popen = launch.subprocess.Popen
+    # each "worker" just waits to be stopped: what is checked is who gets the signal
+    monkeypatch.setattr(
+        launch.subprocess, "Popen", lambda command, **kw: popen(["sleep", "60"], **kw)
+    )
+    pool = WorkerPool([Slot(0), Slot(1)], RunFolder(tmp_path), "journal")
+    pool.start()
+    try:
+        pool.stop(signal.SIGTERM)
+        codes = pool.wait(tick=lambda: None, poll_s=0.05)
+    finally:
+        for pid in pool.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert codes == {0: -signal.SIGTERM, 1: -signal.SIGTERM}
 
 
 def test_sigterm_in_the_final_stage_exits_143_and_a_rerun_resumes_the_final(

@@ -3,15 +3,26 @@
 A rerun of the same command fails the trials left RUNNING, redoes them with the same parameters,
 continuing from the dead trial's last epoch checkpoint, and ends with exact budgets; trials that
 had finished, and their W&B runs, are untouched. While a sweep runs, the other workers notice a
-dead one and redo its trial themselves."""
+dead one and redo its trial themselves.
+
+Both SIGKILL runs start real two-worker sweeps and take half a minute to over a minute on two
+cores, so they are marked slow. The fast ``test_a_dead_workers_trial_is_failed_as_lost_and_redone``
+covers what they rely on in a second: a RUNNING trial whose worker process is gone is failed as
+``worker lost`` and redone with the same parameters, and the budget comes out exact; continuing
+from the dead trial's checkpoint is covered fast by the Ctrl-C test in test_signals.py.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
+import subprocess
 
-from helpers.sweep import check_exact, finished_states, offline_runs, rerun
+import optuna
+import pytest
+from helpers.sweep import check_exact, finished_states, offline_runs, open_storage, rerun
 from optuna.trial import TrialState
 
 OPTIMIZERS = ["sgd", "sam", "msam"]
@@ -21,6 +32,29 @@ def metrics_lines(out, trial) -> list[str]:
     return (out / trial.user_attrs["trial_dir"] / "metrics.jsonl").read_text().splitlines()
 
 
+def test_a_dead_workers_trial_is_failed_as_lost_and_redone(tmp_path, write_spec, read_trials):
+    spec = write_spec(optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}})
+    out = tmp_path / "run"
+    assert rerun(spec, out) == 0
+    # a trial a worker took and then died in: RUNNING, owned by a process that has ended
+    study = optuna.load_study(study_name="tiny/sgd", storage=open_storage(out / "optuna.journal"))
+    trial = study.ask()
+    lr = trial.suggest_float("lr", 0.02, 0.3, log=True)
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    trial.set_user_attr("optimizer", "sgd")
+    trial.set_user_attr("worker", {"pid": ended.pid, "host": socket.gethostname(), "index": 0})
+
+    assert rerun(spec, out, "--set", "budget.trials=2") == 0
+    trials = read_trials(out / "optuna.journal", "tiny", ["sgd"])
+    check_exact(trials, 2)
+    lost = trials["sgd"][trial.number]
+    assert lost.state == TrialState.FAIL and lost.user_attrs["reason"].startswith("worker lost")
+    (redo,) = [t for t in trials["sgd"] if t.user_attrs.get("retry_of") == trial.number]
+    assert redo.state in finished_states() and redo.params == {"lr": lr}
+
+
+@pytest.mark.slow
 def test_killed_sweep_resumes_and_dead_trials_continue_from_their_checkpoints(
     tmp_path, write_spec, start_sweep, running_trials, read_trials
 ):
@@ -84,6 +118,7 @@ def test_killed_sweep_resumes_and_dead_trials_continue_from_their_checkpoints(
         assert run.config["trial"]["resumed"] == resumed
 
 
+@pytest.mark.slow
 def test_other_workers_redo_the_trial_of_a_killed_one(
     tmp_path, write_spec, start_sweep, running_trials, read_trials
 ):
