@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: install test test-all lint format demo bench-cpu clean
+.PHONY: install test test-slow test-all lint format demo bench-cpu clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,11 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# test: lint and the default set (under 5 minutes on 2 cores); test-slow: the end-to-end runs
+# marked slow (see tests/README.md); test-all: lint and both.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
 test-all: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m ''
 
 lint: $(STAMP)
