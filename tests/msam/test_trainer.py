@@ -78,6 +78,26 @@ def test_outputs_and_metrics_schema(tmp_path):
     assert (tmp_path / CHECKPOINT).exists()
 
 
+SUMMARY_KEYS = [
+    "name", "status", "reason", "optimizer", "epochs_completed", "train_loss", "train_acc",
+    "val_acc", "val_loss", "best_val_acc", "test_acc", "test_loss", "seconds", "images_per_s",
+    "device", "amp", "parameters", "updates_per_epoch", "train_images", "grad_evals_per_update",
+    "start_epoch", "versions",
+]  # fmt: skip
+
+
+def test_files_hold_the_returned_records_in_a_fixed_layout(tmp_path):
+    """summary.json and metrics.jsonl byte for byte: what readers of run folders rely on."""
+    cfg = parse_train_config(config(train__epochs=1, data__val_fraction=0.0))
+    result = run_train(cfg, out_dir=tmp_path, verbose=False)
+    assert list(result.summary) == SUMMARY_KEYS
+    assert (tmp_path / SUMMARY).read_text() == json.dumps(result.summary, indent=2) + "\n"
+    lines = "".join(json.dumps(h) + "\n" for h in result.history)
+    assert (tmp_path / METRICS).read_text() == lines
+    assert result.history[0]["val_loss"] is None and result.summary["best_val_acc"] is None
+    assert result.summary["start_epoch"] == 0 and result.summary["epochs_completed"] == 1
+
+
 def test_same_seed_same_metrics():
     cfg = parse_train_config(config())
     a = run_train(cfg, verbose=False)
