@@ -10,6 +10,7 @@ every optimizer, so runs are paired. Progress reaches the outside world only thr
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -29,11 +30,9 @@ from msam._backward import backward
 from msam.callbacks import Callback, CallbackList
 from msam.config import TrainConfig, first_difference
 from msam.errors import UserError
+from msam.files import CHECKPOINT, METRICS, SUMMARY, atomic_write
 from msam.optim import grad_evals_per_update as optim_grad_evals
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
 #: Updates between checks for a non-finite loss (each check is one host synchronisation).
 DIVERGENCE_CHECK_EVERY = 25
 
@@ -141,16 +140,10 @@ def versions() -> dict[str, str]:
     }
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(data)
-    os.replace(tmp, path)
-
-
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
@@ -373,7 +366,7 @@ def run_train(
         console.close()
     summary = _summary(run, progress, run_info, evaluate_test)
     if run.writes:
-        _atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+        atomic_write(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     cbs.on_train_end(summary)
     result = TrainResult(progress.status, summary, progress.history, progress.reason, run.model)
     if run.dist is not None:
@@ -498,7 +491,7 @@ def _start(run: _Run, resume: bool) -> _Progress:
         _resume(run, run.out / CHECKPOINT, progress)
     progress.num_updates = progress.start_epoch * run.updates_per_epoch
     if run.writes:
-        _atomic_write(run.out / METRICS, "".join(json.dumps(h) + "\n" for h in progress.history))
+        atomic_write(run.out / METRICS, "".join(json.dumps(h) + "\n" for h in progress.history))
     return progress
 
 
