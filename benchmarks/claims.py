@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from msam.errors import UserError
-from sweeps.claims import add_arguments, run_from_args
+from sweeps.cli.bench import add_claims_arguments, run_claims_from
 from sweeps.spec import load_sweep_spec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("spec", help="sweep spec YAML (its base config is what is trained)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", help="results folder (default: results/claims-<data>-<model>)")
-    add_arguments(parser)
+    add_claims_arguments(parser)
     args = parser.parse_args(argv)
     try:
         spec = load_sweep_spec(args.spec, args.sets)
         base = spec.base
         out = Path(args.out or RESULTS / f"claims-{base.data.dataset}-{base.model.name}")
         command = "python benchmarks/claims.py " + shlex.join(argv or sys.argv[1:])
-        return run_from_args(spec, args, out, command)
+        return run_claims_from(spec, args, out, command)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

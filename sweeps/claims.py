@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -349,22 +349,8 @@ def run(
     return result
 
 
-def add_arguments(parser) -> None:
-    """Options shared by ``msam bench claims`` and ``benchmarks/claims.py``."""
-    parser.add_argument("--lr", type=float, help="learning rate (default: the spec's base lr)")
-    parser.add_argument("--rho", type=float, help="SAM radius (default: the spec's base rho)")
-    parser.add_argument(
-        "--tuned", metavar="RUN_DIR", help="take lr and rho from a sweep's tuned/<name>-sam.yaml"
-    )
-    parser.add_argument("--micro-batches", default="2,4,8,16,32", metavar="M,M,...")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, help="override the spec's epochs")
-    parser.add_argument("--flatness-images", type=int, help="default: the spec's final.flatness")
-    parser.add_argument("--flatness-iters", type=int, help="default: the spec's final.flatness")
-    parser.add_argument("--flatness-samples", type=int, help="default: the spec's final.flatness")
-
-
-def _tuned_lr_rho(run_dir: str) -> tuple[float, float]:
+def tuned_lr_rho(run_dir: str | Path) -> tuple[float, float]:
+    """The lr and rho of a sweep's tuned SAM config (``tuned/<name>-sam.yaml``)."""
     from msam.config import load_train_config
 
     found = sorted(Path(run_dir).glob("tuned/*-sam.yaml"))
@@ -372,41 +358,3 @@ def _tuned_lr_rho(run_dir: str) -> tuple[float, float]:
         raise UserError(f"--tuned {run_dir}: no tuned/*-sam.yaml there (run the sweep first)")
     cfg = load_train_config(found[0])
     return cfg.optim.lr, cfg.optim.rho
-
-
-def _flatness_from_args(spec: SweepSpec, args) -> FlatnessSettings:
-    settings = FlatnessSettings.from_spec(spec)
-    given = {
-        "n_images": args.flatness_images,
-        "iters": args.flatness_iters,
-        "samples": args.flatness_samples,
-    }
-    for key, value in given.items():
-        if value is not None and value < (0 if key == "n_images" else 1):
-            raise UserError(f"--flatness-{key.removeprefix('n_')}: must be positive (got {value})")
-    return replace(settings, **{k: v for k, v in given.items() if v is not None})
-
-
-def run_from_args(spec: SweepSpec, args, out: Path, command: str) -> int:
-    try:
-        ms = [int(v) for v in str(args.micro_batches).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--micro-batches {args.micro_batches!r}: expected e.g. 2,4,8") from None
-    lr, rho = args.lr, args.rho
-    if args.tuned:
-        tuned_lr, tuned_rho = _tuned_lr_rho(args.tuned)
-        lr, rho = lr or tuned_lr, rho or tuned_rho
-    result = run(
-        spec,
-        out=out,
-        lr=lr,
-        rho=rho,
-        micro_batches=ms,
-        seeds=args.seeds,
-        epochs=args.epochs,
-        flatness=_flatness_from_args(spec, args),
-        command=command,
-    )
-    print(markdown(result))
-    print(f"results in {out}")
-    return 0

@@ -8,9 +8,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from msam.bench.settings import AMP_MODES, CHANNELS_LAST_MODES, defaults
 from msam.errors import UserError
@@ -41,9 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     claims.add_argument("spec", metavar="SPEC", help="sweep spec YAML (its base is trained)")
     add_set_option(claims)
     claims.add_argument("--out", metavar="DIR", help="results folder (default: runs/claims-...)")
-    from sweeps.claims import add_arguments
-
-    add_arguments(claims)
+    add_claims_arguments(claims)
     claims.set_defaults(func=run_claims)
 
 
@@ -140,11 +140,70 @@ def run_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_claims_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``msam bench claims``, shared with ``benchmarks/claims.py``."""
+    parser.add_argument("--lr", type=float, help="learning rate (default: the spec's base lr)")
+    parser.add_argument("--rho", type=float, help="SAM radius (default: the spec's base rho)")
+    parser.add_argument(
+        "--tuned", metavar="RUN_DIR", help="take lr and rho from a sweep's tuned/<name>-sam.yaml"
+    )
+    parser.add_argument("--micro-batches", default="2,4,8,16,32", metavar="M,M,...")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, help="override the spec's epochs")
+    for what in ("images", "iters", "samples"):
+        parser.add_argument(
+            f"--flatness-{what}", type=int, help="default: the spec's final.flatness." + what
+        )
+
+
+def _claims_flatness(spec: Any, args: argparse.Namespace) -> Any:
+    """The spec's ``final.flatness``, with the ``--flatness-*`` options given."""
+    from sweeps.finals.flatness import FlatnessSettings
+
+    settings = FlatnessSettings.from_spec(spec)
+    given = {
+        "images": args.flatness_images,
+        "iters": args.flatness_iters,
+        "samples": args.flatness_samples,
+    }
+    for key, value in given.items():
+        if value is not None and value < (0 if key == "images" else 1):
+            raise UserError(f"--flatness-{key}: must be positive (got {value})")
+    return dataclasses.replace(settings, **{k: v for k, v in given.items() if v is not None})
+
+
+def run_claims_from(spec: Any, args: argparse.Namespace, out: Path, command: str) -> int:
+    """Run the claims experiment from parsed options (``msam bench claims``, the script)."""
+    from sweeps import claims
+
+    try:
+        ms = [int(v) for v in str(args.micro_batches).split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"--micro-batches {args.micro_batches!r}: expected e.g. 2,4,8") from None
+    lr, rho = args.lr, args.rho
+    if args.tuned:
+        tuned_lr, tuned_rho = claims.tuned_lr_rho(args.tuned)
+        lr, rho = lr or tuned_lr, rho or tuned_rho
+    result = claims.run(
+        spec,
+        out=out,
+        lr=lr,
+        rho=rho,
+        micro_batches=ms,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        flatness=_claims_flatness(spec, args),
+        command=command,
+    )
+    print(claims.markdown(result))
+    print(f"results in {out}")
+    return 0
+
+
 def run_claims(args: argparse.Namespace) -> int:
-    from sweeps.claims import run_from_args
     from sweeps.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec, args.sets)
     base = spec.base
     out = Path(args.out or Path("runs") / f"claims-{base.data.dataset}-{base.model.name}")
-    return run_from_args(spec, args, out, "msam bench claims " + shlex.join(sys.argv[3:]))
+    return run_claims_from(spec, args, out, "msam bench claims " + shlex.join(sys.argv[3:]))

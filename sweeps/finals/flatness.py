@@ -23,7 +23,7 @@ __all__ = ["FlatnessSettings", "flatness_rho", "flatness_sample", "measure_flatn
 class FlatnessSettings:
     """``final.flatness`` as the measurement uses it; the defaults are the spec's."""
 
-    n_images: int = Flatness().images  # fixed, unaugmented training images (0 = no flatness)
+    images: int = Flatness().images  # fixed, unaugmented training images (0 = no flatness)
     batch_size: int = Flatness().batch_size  # images per Hessian-vector-product batch
     iters: int = Flatness().iters  # power-iteration steps for the top eigenvalue
     samples: int = Flatness().samples  # Rademacher probes of Hutchinson's trace estimate
@@ -33,7 +33,7 @@ class FlatnessSettings:
     def from_spec(cls, spec: SweepSpec) -> FlatnessSettings:
         section = spec.final.flatness
         return cls(
-            n_images=section.images,
+            images=section.images,
             batch_size=section.batch_size,
             iters=section.iters,
             samples=section.samples,
@@ -42,7 +42,7 @@ class FlatnessSettings:
 
     @property
     def enabled(self) -> bool:
-        return self.n_images > 0
+        return self.images > 0
 
 
 def flatness_rho(spec: SweepSpec, cfg: Any) -> float:
@@ -54,7 +54,7 @@ def flatness_rho(spec: SweepSpec, cfg: Any) -> float:
 
 
 def flatness_sample(cfg: Any, settings: FlatnessSettings) -> list[tuple[Any, Any]]:
-    """The fixed sample every model is measured on: ``settings.n_images`` images of the final
+    """The fixed sample every model is measured on: ``settings.images`` images of the final
     training set (train + validation), chosen by ``settings.seed``, never augmented.
 
     It depends only on the data config and the settings, so all runs of a sweep share it.
@@ -81,7 +81,7 @@ def flatness_sample(cfg: Any, settings: FlatnessSettings) -> list[tuple[Any, Any
     train = data.train
     if isinstance(train, DeviceLoader):
         gen = torch.Generator().manual_seed(settings.seed)
-        n = min(settings.n_images, train.num_samples)
+        n = min(settings.images, train.num_samples)
         idx = torch.randperm(train.num_samples, generator=gen)[:n].sort().values
         view = DeviceLoader(
             train.images[idx],
@@ -91,7 +91,7 @@ def flatness_sample(cfg: Any, settings: FlatnessSettings) -> list[tuple[Any, Any
             std=data.info.std,
         )
         return list(view)
-    return fixed_sample(train, settings.n_images, settings.seed, batch_size=settings.batch_size)
+    return fixed_sample(train, settings.images, settings.seed, batch_size=settings.batch_size)
 
 
 def measure_flatness(

@@ -22,13 +22,22 @@ SPEC = {
     "optimizers": ["sgd", "sam", "msam"],
     "search": {"lr": {"low": 0.01, "high": 1.0, "log": True}},
     "budget": {"trials": 1},
+    "final": {"flatness": {"images": 32, "iters": 2, "samples": 2}},
 }
 
 
 def test_claims_run_writes_tables_and_resumes(tmp_path):
     spec = parse_sweep_spec(SPEC)
-    flat = {"images": 32, "iters": 2, "samples": 2}
-    result = run(spec, out=tmp_path, micro_batches=[2], seeds=2, flatness=flat)
+    result = run(spec, out=tmp_path, micro_batches=[2], seeds=2)
+    # Flatness is measured as in the final stage, with the spec's final.flatness.
+    assert result["flatness"] == {
+        "images": 32,
+        "batch_size": 256,
+        "iters": 2,
+        "samples": 2,
+        "seed": 0,
+    }
+    assert {r["flatness_images"] for r in result["runs"]} == {32}
     assert [e["method"] for e in result["summary"]["table"]] == ["sgd", "sam", "msam-m2"]
     assert all(e["n"] == 2 and "hessian_top_eig" in e for e in result["summary"]["table"])
     diffs = result["summary"]["paired_vs_sam"]
@@ -42,7 +51,7 @@ def test_claims_run_writes_tables_and_resumes(tmp_path):
     # Paired: the same seed gives SGD and SAM the same initial weights and batches, so a rerun
     # reads the stored runs instead of training again.
     stored = json.loads((tmp_path / "runs" / "sam-seed1.json").read_text())
-    again = run(spec, out=tmp_path, micro_batches=[2], seeds=2, flatness=flat)
+    again = run(spec, out=tmp_path, micro_batches=[2], seeds=2)
     assert stored in again["runs"]
 
 
