@@ -1,10 +1,11 @@
 """The trainer on real data (digits, in scikit-learn's wheel) with a tiny timm model.
 
-Slow here: ``msam train`` learning all of digits in a subprocess for each optimizer (15-60 s each)
-and ``torchrun`` with two gloo ranks (20 s). Fast tests cover them: the in-process runs below (and
-``test_resume_equals_uninterrupted_run`` checks that mSAM learns), ``msam train`` as a subprocess
-in test_cli_diverged_run_exits_1 and tests/sweeps/results/test_export.py, and the rank logic in
-tests/msam/test_ddp.py (the trainer's process-group set-up, msam.backward on two gloo ranks).
+Slow here: ``msam train`` learning all of digits in a subprocess for each optimizer (15 s to over
+a minute each) and ``torchrun`` with two gloo ranks (20 s). Fast tests cover them: the in-process
+runs below (``test_resume_equals_uninterrupted_run`` checks that mSAM learns), ``msam train`` as
+a subprocess in test_cli_diverged_run_exits_1 and tests/sweeps/results/test_export.py, and the
+rank logic in tests/msam/test_ddp.py (the trainer's process-group set-up, msam.backward on two
+gloo ranks).
 """
 
 from __future__ import annotations
