@@ -37,7 +37,13 @@ SPEC = {
         "micro_batches": {"choices": [2, 4]},
     },
     "budget": {"trials": 5},
-    "final": {"top_k": 1, "seeds": 2, "epochs": 1},
+    "final": {
+        "top_k": 1,
+        "seeds": 2,
+        "epochs": 1,
+        # Small enough for a CPU test, large enough to exercise every metric.
+        "flatness": {"images": 64, "batch_size": 32, "iters": 2, "samples": 2},
+    },
 }
 DISTRIBUTIONS = {
     "lr": FloatDistribution(0.01, 0.5, log=True),
@@ -46,8 +52,6 @@ DISTRIBUTIONS = {
 }
 # (lr, rho, micro_batches, validation accuracy) of the complete trials of every study
 POINTS = [(0.05, 0.05, 2, 0.80), (0.2, 0.1, 2, 0.90), (0.02, 0.02, 4, 0.70)]
-#: Small enough for a CPU test, large enough to exercise every metric.
-FLATNESS = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
 
 
 def spec_of(**changes) -> object:
@@ -59,6 +63,10 @@ def spec_of(**changes) -> object:
             node = node[key]
         node[last] = value
     return parse_sweep_spec(raw)
+
+
+#: The flatness settings of ``SPEC`` (its ``final.flatness``).
+FLATNESS = FlatnessSettings.from_spec(spec_of())
 
 
 def journal(run_dir: Path) -> JournalStorage:
@@ -124,9 +132,7 @@ def build_tiny_sweep(run_dir: Path) -> TinySweep:
     runs (a few seconds on one CPU thread). The ``tiny_sweep`` fixture builds it once per session;
     tests that change it work on a copy (``copy_sweep``)."""
     spec, storage = make_sweep(run_dir)
-    result = run_finals(
-        SweepRun.create(spec, out=run_dir), storage, flatness=FLATNESS, verbose=False
-    )
+    result = run_finals(SweepRun.create(spec, out=run_dir), storage, verbose=False)
     return TinySweep(spec, run_dir, list(result.records))
 
 

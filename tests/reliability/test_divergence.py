@@ -8,9 +8,10 @@ import pytest
 from helpers.sweep import check_exact, offline_runs, rerun
 from optuna.trial import TrialState
 
+from sweeps.engine.lifecycle import ensure_studies
 from sweeps.spec import load_sweep_spec
 from sweeps.storage import open_storage, resolve_storage
-from sweeps.studies import ensure_studies, load_study
+from sweeps.studies import open_study
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter")  # the diverging points lie off the range
@@ -22,7 +23,7 @@ def test_huge_lr_and_huge_rho_are_pruned_as_diverged_and_the_sweep_goes_on(
     storage = open_storage(resolve_storage(None, out))
     spec = load_sweep_spec(spec_path)
     ensure_studies(spec, storage)  # the baseline comes first
-    study = load_study(spec, "sam", storage)
+    study = open_study(storage, spec.name, "sam")
     study.enqueue_trial({"lr": 1e5, "rho": 0.05}, user_attrs={"origin": "huge-lr"})
     study.enqueue_trial({"lr": 0.1, "rho": 1e20}, user_attrs={"origin": "huge-rho"})
 

@@ -90,10 +90,7 @@ def test_a_final_run_out_of_memory_is_recorded_the_others_go_on_and_a_rerun_retr
     tmp_path, write_spec, monkeypatch
 ):
     from sweeps.cli import main
-    from sweeps.finals.run import FlatnessSettings
 
-    small = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
-    monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: small))
     real_backward = msam.trainer.backward
     raised = []
 

@@ -14,7 +14,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from sweeps.results.leaderboard import build_leaderboard, write_leaderboard
+from sweeps.results.leaderboard import build_leaderboard
+from sweeps.results.publish import write_leaderboard
 from sweeps.results.read import load_sweep
 from sweeps.results.report import write_report
 from sweeps.spec import load_sweep_spec

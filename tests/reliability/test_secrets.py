@@ -20,7 +20,9 @@ import pytest
 
 from sweeps.cli import main
 from sweeps.engine import launch
-from sweeps.engine.launch import STORAGE_ENV, Slot, WorkerPool
+from sweeps.engine.launch import STORAGE_ENV, WorkerPool
+from sweeps.layout import RunFolder
+from sweeps.run import Slot
 from sweeps.storage import mask_url
 
 PASSWORD = "S3cret/Pw-123"  # a "/" is legal in a database URL's password
@@ -100,7 +102,7 @@ def test_launcher_hands_the_storage_over_in_the_environment(tmp_path, monkeypatc
     monkeypatch.setattr(
         launch.subprocess, "Popen", lambda command, env, **_: started.append((command, env))
     )
-    WorkerPool([Slot(0), Slot(1, gpu=0)], tmp_path / "spec.yaml", url, tmp_path).start()
+    WorkerPool([Slot(0), Slot(1, gpu=0)], RunFolder(tmp_path), url).start()
     assert len(started) == 2
     for command, env in started:
         assert "worker" in command and "--storage" not in command

@@ -24,7 +24,6 @@ from sweeps.cli import main
 from sweeps.engine import launch
 from sweeps.engine.launch import WorkerPool
 from sweeps.engine.signals import Interrupted, InterruptGuard
-from sweeps.finals.run import FlatnessSettings
 from sweeps.layout import RunFolder
 from sweeps.run import Slot
 
@@ -154,8 +153,6 @@ def test_sigterm_in_the_final_stage_exits_143_and_a_rerun_resumes_the_final(
     (run,) = [r for r in offline_runs(out).values() if r.job_type == "final"]
     assert run.exit_code == 1 and run.summary["reason"] == "interrupted"  # finished, not left open
 
-    small = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
-    monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: small))
     assert main(["sweep", str(spec), "--out", str(out)]) == 0
     summary = json.loads((final / "summary.json").read_text())
     assert summary["status"] == "complete" and summary["start_epoch"] >= 1  # resumed

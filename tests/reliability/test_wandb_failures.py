@@ -10,15 +10,6 @@ from helpers.sweep import check_exact
 from optuna.trial import TrialState
 
 from sweeps.cli import main
-from sweeps.finals.run import FlatnessSettings
-
-SMALL_FLATNESS = FlatnessSettings(n_images=64, batch_size=32, iters=2, samples=2)
-
-
-@pytest.fixture(autouse=True)
-def small_flatness(monkeypatch):
-    """Final models are measured on a few images: this file is about W&B, not curvature."""
-    monkeypatch.setattr(FlatnessSettings, "from_sources", classmethod(lambda *a: SMALL_FLATNESS))
 
 
 def run_whole_sweep(write_spec, out) -> int:

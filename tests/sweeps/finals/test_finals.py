@@ -8,7 +8,6 @@ and real finals, 2 seeds per optimizer) is shared with the results tests.
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 
@@ -31,15 +30,12 @@ import sweeps.finals.run
 import sweeps.tracking
 import sweeps.tracking.wandb_runs
 from msam.callbacks import Callback
-from sweeps.finals.run import (
-    FlatnessSettings,
-    final_epochs,
-    flatness_sample,
-    plan_finals,
-    run_final,
-    run_finals,
-)
-from sweeps.results.read import FINAL_JOB, final_dir, ranked_trials, read_finals
+from sweeps import budget
+from sweeps.finals import FlatnessSettings, flatness_sample, plan_finals, run_final, run_finals
+from sweeps.layout import FINAL_JOB, RunFolder
+from sweeps.results.read import read_finals
+from sweeps.run import SweepRun
+from sweeps.studies import ranked_trials
 
 # ----------------------------------------------------------------------------- selection
 
@@ -58,19 +54,19 @@ def test_ranked_trials_best_complete_distinct(tmp_path):
 def test_plan_top_k_layout_seeds_and_grad_eval_budget(tmp_path):
     spec = spec_of(**{"final.top_k": 2, "final.seeds": 3, "budget.match": "grad_evals"})
     _, storage = make_sweep(tmp_path, spec)
-    jobs = plan_finals(spec, storage, tmp_path)
+    jobs = plan_finals(spec, storage, RunFolder(tmp_path))
     assert len(jobs) == 3 * 2 * 3
     assert [j.seed for j in jobs[:6]] == [0] * 6  # seed-major: complete pairs come first
     best = {(j.optimizer, j.rank): j for j in jobs if j.seed == 2}
     assert best["sam", 1].params == {"lr": 0.2, "rho": 0.1}
     assert best["msam", 2].params == {"lr": 0.05, "rho": 0.05, "micro_batches": 2}
     assert best["msam", 2].dir == tmp_path / "finals" / "msam-top2" / "seed2"
-    assert best["sgd", 1].dir == final_dir(tmp_path, "sgd", 1, 2)
+    assert best["sgd", 1].dir == RunFolder(tmp_path).final("sgd", 1, 2)
     assert best["sgd", 1].cfg.train.seed == 2 and best["sgd", 1].cfg.optim.rho == 0.0
     # equal gradient evaluations: SGD (1 per update) gets twice SAM's and mSAM's epochs
     assert best["sgd", 1].epochs == 2 and best["sam", 1].epochs == 1
     assert best["msam", 1].cfg.train.epochs == 1
-    assert final_epochs(spec_of(), best["sgd", 1].cfg) == 1
+    assert budget.epochs(spec_of(), "sgd", final=True) == 1  # match: epochs
 
 
 def test_plan_without_complete_trials_warns(tmp_path):
@@ -79,7 +75,7 @@ def test_plan_without_complete_trials_warns(tmp_path):
     add_trials(storage, spec, "sgd", POINTS)
     add_trials(storage, spec, "sam", [], pruned=2)
     with pytest.warns(UserWarning, match="no complete trial"):
-        jobs = plan_finals(spec, storage, tmp_path)
+        jobs = plan_finals(spec, storage, RunFolder(tmp_path))
     assert {j.optimizer for j in jobs} == {"sgd"}
 
 
@@ -91,7 +87,7 @@ def test_same_seed_same_first_batch_and_weights_across_optimizers(tmp_path):
     from msam.models import create_model
 
     spec, storage = make_sweep(tmp_path)
-    jobs = [j for j in plan_finals(spec, storage, tmp_path) if j.seed == 1]
+    jobs = [j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.seed == 1]
     first, inits = {}, {}
     for job in jobs:
         cfg = job.cfg
@@ -124,10 +120,10 @@ def test_same_seed_same_first_batch_and_weights_across_optimizers(tmp_path):
 
 def test_flatness_sample_is_fixed_and_unaugmented(tmp_path):
     spec, storage = make_sweep(tmp_path)
-    jobs = plan_finals(spec, storage, tmp_path)
+    jobs = plan_finals(spec, storage, RunFolder(tmp_path))
     a = flatness_sample(jobs[0].cfg, FLATNESS)
     b = flatness_sample(jobs[-1].cfg, FLATNESS)
-    assert sum(len(y) for _, y in a) == FLATNESS.n_images
+    assert sum(len(y) for _, y in a) == FLATNESS.images
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
@@ -151,8 +147,9 @@ def test_finals_layout_summary_flatness_and_cost(tiny_sweep):
         job = summary["final"]
         assert job["trial"] == 1 and job["val_acc"] == 0.90 and job["seed"] == record.seed
         assert job["study"] == f"{NAME}/{record.optimizer}"
-        flat = summary["flatness"]
-        assert flat["n_images"] == FLATNESS.n_images
+        flat = summary["flatness"]  # measured as the spec's final.flatness says
+        assert flat["n_images"] == tiny_sweep.spec.final.flatness.images == 64
+        assert (flat["iters"], flat["samples"]) == (2, 2)
         for key in ("hessian_top_eig", "hessian_trace", "sam_sharpness"):
             assert isinstance(flat[key], float)
         assert flat["rho"] == (0.05 if record.optimizer == "sgd" else 0.1)  # SGD: base rho
@@ -168,9 +165,8 @@ def test_rerun_skips_complete_and_adds_missing_flatness(tiny_sweep, tmp_path):
     summary = json.loads(lost.read_text())
     before = summary.pop("flatness")
     lost.write_text(json.dumps(summary))
-    records = run_finals(
-        tiny_sweep.spec, argparse.Namespace(out=run_dir), flatness=FLATNESS, verbose=False
-    )
+    run = SweepRun.create(tiny_sweep.spec, out=run_dir)
+    records = run_finals(run, journal(run_dir), verbose=False).records
     assert len(records) == 6
     assert [r.outcome for r in records].count("skipped") == 5
     assert next(r for r in records if r.outcome != "skipped").dir == lost.parent
@@ -185,10 +181,10 @@ def test_better_trial_replaces_a_stale_final(tiny_sweep, tmp_path):
     spec = tiny_sweep.spec
     storage = journal(run_dir)
     add_trials(storage, spec, "sgd", [(0.3, 0.1, 2, 0.95)], pruned=0, failed=0)
-    job = next(j for j in plan_finals(spec, storage, run_dir) if j.optimizer == "sgd")
+    job = next(j for j in plan_finals(spec, storage, RunFolder(run_dir)) if j.optimizer == "sgd")
     assert job.trial == 5
     with pytest.warns(UserWarning, match="moved the old one"):
-        record = run_final(job, spec, run_dir, None, FlatnessSettings(n_images=0))
+        record = run_final(job, spec, RunFolder(run_dir), None, FlatnessSettings(images=0))
     assert record.status == "complete" and record.trial == 5 and record.outcome == "trained"
     assert json.loads((job.dir / FINAL_JOB).read_text())["params"] == {"lr": 0.3}
     stale = list((run_dir / "finals" / ".stale").glob("sgd/seed0-trial1"))
@@ -200,7 +196,8 @@ def test_better_trial_replaces_a_stale_final(tiny_sweep, tmp_path):
 
 def test_seeds_zero_skips_the_stage(tmp_path):
     spec, _ = make_sweep(tmp_path, spec_of(**{"final.seeds": 0}))
-    assert run_finals(spec, argparse.Namespace(out=tmp_path), verbose=False) == []
+    result = run_finals(SweepRun.create(spec, out=tmp_path), journal(tmp_path), verbose=False)
+    assert result.records == () and result.failed == []
     assert not (tmp_path / "finals").exists()
 
 
@@ -228,8 +225,10 @@ def _with_tracking(monkeypatch, callback_class) -> None:
 def test_final_logs_a_wandb_run_with_flatness(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
-    job = next(j for j in plan_finals(spec, storage, tmp_path) if j.optimizer == "sgd")
-    run_final(job, spec, tmp_path, flatness_sample(job.cfg, FLATNESS), FLATNESS, verbose=False)
+    job = next(j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.optimizer == "sgd")
+    run_final(
+        job, spec, RunFolder(tmp_path), flatness_sample(job.cfg, FLATNESS), FLATNESS, verbose=False
+    )
     (folder,) = find_offline_runs(tmp_path)
     run = read_offline_run(folder, wait_s=30)  # W&B's writer may flush after finish() returns
     assert run.exit_code is not None, "the offline run log never completed"
@@ -247,9 +246,11 @@ def test_final_logs_a_wandb_run_with_flatness(tmp_path, monkeypatch):
 def test_wandb_trouble_is_a_warning(tmp_path, monkeypatch):
     _with_tracking(monkeypatch, BrokenCallback)
     spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
-    job = next(j for j in plan_finals(spec, storage, tmp_path) if j.optimizer == "sgd")
+    job = next(j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.optimizer == "sgd")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = run_final(job, spec, tmp_path, None, FlatnessSettings(n_images=0), verbose=False)
+        record = run_final(
+            job, spec, RunFolder(tmp_path), None, FlatnessSettings(images=0), verbose=False
+        )
     assert record.status == "complete"
     assert any("W&B is down" in str(w.message) for w in caught)

@@ -21,7 +21,7 @@ from msam.config import TrainConfig, parse_train_config
 from msam.errors import UserError
 from sweeps.cli import main
 from sweeps.results.export import export_tuned
-from sweeps.results.leaderboard import run_leaderboard
+from sweeps.results.publish import run_leaderboard
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ from helpers.finals import (
 from helpers.wandb_offline import read_offline_run
 
 from sweeps.cli import main
-from sweeps.results.leaderboard import build_leaderboard, log_leaderboard_to_wandb, run_leaderboard
+from sweeps.results.leaderboard import build_leaderboard
+from sweeps.results.publish import log_leaderboard_to_wandb, run_leaderboard
 from sweeps.results.read import load_sweep
 
 
