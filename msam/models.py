@@ -21,6 +21,7 @@ __all__ = [
     "check_model",
     "check_model_name",
     "create_model",
+    "model_for",
     "resolve_model_name",
 ]
 
@@ -114,6 +115,19 @@ def create_model(
     if small and _has_resnet_stem(model):
         _make_small_resnet_stem(model)
     return model
+
+
+def model_for(model: Any, info: Any) -> nn.Module:
+    """The model a config's ``model`` section asks for, shaped for the data set ``info``
+    (``msam.data.dataset_info``): its classes, channels and image size."""
+    return create_model(
+        model.name,
+        num_classes=info.num_classes,
+        in_chans=info.in_chans,
+        img_size=info.img_size,
+        small_input=model.small_input,
+        kwargs=model.kwargs,
+    )
 
 
 def check_model(

@@ -444,16 +444,9 @@ def _build_data(cfg: TrainConfig, device: torch.device, final: bool, channels_la
 
 
 def _build_model(cfg: TrainConfig, info, device: torch.device, channels_last: bool) -> nn.Module:
-    from msam.models import create_model
+    from msam.models import model_for
 
-    model = create_model(
-        cfg.model.name,
-        num_classes=info.num_classes,
-        in_chans=info.in_chans,
-        img_size=info.img_size,
-        small_input=cfg.model.small_input,
-        kwargs=cfg.model.kwargs,
-    ).to(device)
+    model = model_for(cfg.model, info).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model

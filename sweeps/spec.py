@@ -27,9 +27,9 @@ from msam.config import (
     TrackingConfig,
     TrainConfig,
     TrainSection,
-    apply_overrides,
     check_run_name,
-    load_yaml,
+    load_config,
+    parse_config,
     parse_train_config,
     user_error_from_validation,
 )
@@ -304,13 +304,9 @@ class SweepSpec(Section):
 
 def parse_sweep_spec(raw: Any, *, source: str = "spec") -> SweepSpec:
     """Validate a raw mapping; problems become a one-line UserError naming the key."""
-    try:
-        return SweepSpec.model_validate(raw)
-    except ValidationError as exc:
-        raise user_error_from_validation(exc, SweepSpec, source) from None
+    return parse_config(SweepSpec, raw, source=source)
 
 
 def load_sweep_spec(path: str | Path, sets: Sequence[str] = ()) -> SweepSpec:
     """Read, override (``--set base.train.epochs=3``) and validate a sweep spec file."""
-    raw = apply_overrides(load_yaml(path), sets)
-    return parse_sweep_spec(raw, source=str(path))
+    return load_config(SweepSpec, path, sets)

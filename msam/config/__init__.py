@@ -7,65 +7,21 @@
 config is reported in a fraction of a second.
 """
 
-from msam.config.checks import check_optimizer_name, check_strategy
+from msam.config.checks import *  # noqa: F403 - the package re-exports each module's __all__
+from msam.config.checks import __all__ as _checks
+from msam.config.loading import *  # noqa: F403
+from msam.config.loading import __all__ as _loading
 from msam.config.loading import (
     _UniqueKeyLoader,  # noqa: F401 - tests check that every YAML load in the code uses it
-    apply_overrides,
-    first_difference,
-    load_train_config,
-    load_yaml,
-    parse_train_config,
 )
 from msam.config.messages import did_you_mean, user_error_from_validation
-from msam.config.schema import (
-    DATASETS,
-    OPTIMIZERS,
-    AmpMode,
-    AutoBool,
-    Bool,
-    DataConfig,
-    DatasetName,
-    Float,
-    Int,
-    ModelConfig,
-    OptimConfig,
-    OptimName,
-    Section,
-    SyntheticConfig,
-    TrackingConfig,
-    TrainConfig,
-    TrainSection,
-    WandbConfig,
-    check_run_name,
-)
+from msam.config.schema import *  # noqa: F403
+from msam.config.schema import __all__ as _schema
 
 __all__ = [
-    "DATASETS",
-    "OPTIMIZERS",
-    "AmpMode",
-    "AutoBool",
-    "Bool",
-    "DataConfig",
-    "DatasetName",
-    "Float",
-    "Int",
-    "ModelConfig",
-    "OptimConfig",
-    "OptimName",
-    "Section",
-    "SyntheticConfig",
-    "TrackingConfig",
-    "TrainConfig",
-    "TrainSection",
-    "WandbConfig",
-    "apply_overrides",
-    "check_optimizer_name",
-    "check_run_name",
-    "check_strategy",
+    *_schema,
+    *_loading,
+    *_checks,
     "did_you_mean",
-    "first_difference",
-    "load_train_config",
-    "load_yaml",
-    "parse_train_config",
     "user_error_from_validation",
 ]

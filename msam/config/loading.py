@@ -12,20 +12,25 @@ import copy
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from msam.config.messages import kind_of, one_line, user_error_from_validation, yaml_error_message
 from msam.config.schema import TrainConfig
 from msam.errors import UserError
 
+#: A config model: the train config, a sweep spec.
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
 __all__ = [
     "apply_overrides",
     "first_difference",
+    "load_config",
     "load_train_config",
     "load_yaml",
+    "parse_config",
     "parse_train_config",
 ]
 
@@ -136,15 +141,25 @@ def first_difference(
     return None
 
 
+def parse_config(cls: type[ConfigT], raw: Any, *, source: str = "config") -> ConfigT:
+    """Validate a raw mapping (from YAML plus overrides) as ``cls`` (a train config, a sweep
+    spec); problems become a one-line UserError naming the key."""
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        raise user_error_from_validation(exc, cls, source) from None
+
+
+def load_config(cls: type[ConfigT], path: str | Path, sets: Sequence[str] = ()) -> ConfigT:
+    """Read a YAML file, apply ``--set`` overrides and validate it as ``cls``."""
+    return parse_config(cls, apply_overrides(load_yaml(path), sets), source=str(path))
+
+
 def parse_train_config(raw: Any, *, source: str = "config") -> TrainConfig:
     """Validate a raw mapping (from YAML plus overrides); problems become a one-line UserError."""
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise user_error_from_validation(exc, TrainConfig, source) from None
+    return parse_config(TrainConfig, raw, source=source)
 
 
 def load_train_config(path: str | Path, sets: Sequence[str] = ()) -> TrainConfig:
     """Read, override and validate a train config file in one step, as ``msam train`` does."""
-    raw = apply_overrides(load_yaml(path), sets)
-    return parse_train_config(raw, source=str(path))
+    return load_config(TrainConfig, path, sets)

@@ -24,55 +24,42 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def preflight(
-    *,
-    model: str,
-    base_optimizer: str,
-    dataset: str,
-    root: str | None,
-    synthetic: dict[str, Any] | None,
-    val_fraction: float,
-    subset: int | None,
-    batch_size: int,
-    device: str = "auto",
-    strategy: str = "auto",
-    img_size: int | None = None,
-    small_input: bool | str = "auto",
-    model_kwargs: dict[str, Any] | None = None,
-) -> None:
+def preflight(cfg: Any) -> None:
     """Catch a wrong model, optimizer, strategy or device, a missing data set, or a subset,
     validation split or batch that does not fit the data, before any work (UserError, exit 2).
 
-    Where the data layer can say the image shape, the model is also built and run on the meta
-    device, so a model that cannot take these images fails here rather than after data loading.
+    ``cfg`` is a train config or a sweep spec's ``base`` (both have data, model, optim, train).
+    The model is also built and run on the meta device, so a model that cannot take these
+    images fails here rather than after data loading.
     """
     from msam.config import check_optimizer_name, check_strategy
-    from msam.models import check_model, check_model_name
-
-    check_model_name(model)
-    check_optimizer_name(base_optimizer)
     from msam.data import check_data_available, check_data_fits, dataset_info
+    from msam.models import check_model, check_model_name
     from msam.trainer import resolve_device
 
-    check_strategy(strategy, resolve_device(device).type)
-    check_data_available(dataset, root, synthetic=synthetic)
+    data, model = cfg.data, cfg.model
+    synthetic = data.synthetic.model_dump() if data.synthetic else None
+    check_model_name(model.name)
+    check_optimizer_name(cfg.optim.base)
+    check_strategy(cfg.optim.strategy, resolve_device(cfg.train.device).type)
+    check_data_available(data.dataset, data.root, synthetic=synthetic)
     check_data_fits(
-        dataset,
-        root,
-        val_fraction=val_fraction,
-        subset=subset,
-        batch_size=batch_size,
+        data.dataset,
+        data.root,
+        val_fraction=data.val_fraction,
+        subset=data.subset,
+        batch_size=cfg.train.batch_size,
         synthetic=synthetic,
-        img_size=img_size,
+        img_size=data.img_size,
     )
-    info = dataset_info(dataset, root, synthetic=synthetic, img_size=img_size)
+    info = dataset_info(data.dataset, data.root, synthetic=synthetic, img_size=data.img_size)
     check_model(
-        model,
+        model.name,
         num_classes=info.num_classes,
         in_chans=info.in_chans,
         img_size=info.img_size,
-        small_input=small_input,
-        kwargs=model_kwargs,
+        small_input=model.small_input,
+        kwargs=model.kwargs,
     )
 
 

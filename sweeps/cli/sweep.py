@@ -55,22 +55,7 @@ def _load_spec(args: argparse.Namespace):
     from sweeps.spec import load_sweep_spec
 
     spec = load_sweep_spec(args.spec, args.sets)
-    base = spec.base
-    preflight(
-        model=base.model.name,
-        base_optimizer=base.optim.base,
-        dataset=base.data.dataset,
-        root=base.data.root,
-        synthetic=base.data.synthetic.model_dump() if base.data.synthetic else None,
-        val_fraction=base.data.val_fraction,
-        subset=base.data.subset,
-        batch_size=base.train.batch_size,
-        device=base.train.device,
-        strategy=base.optim.strategy,
-        img_size=base.data.img_size,
-        small_input=base.model.small_input,
-        model_kwargs=base.model.kwargs,
-    )
+    preflight(spec.base)
     return spec
 
 

@@ -27,21 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from msam.config import load_train_config
 
     cfg = load_train_config(args.config, args.sets)
-    preflight(
-        model=cfg.model.name,
-        base_optimizer=cfg.optim.base,
-        dataset=cfg.data.dataset,
-        root=cfg.data.root,
-        synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
-        val_fraction=cfg.data.val_fraction,
-        subset=cfg.data.subset,
-        batch_size=cfg.train.batch_size,
-        device=cfg.train.device,
-        strategy=cfg.optim.strategy,
-        img_size=cfg.data.img_size,
-        small_input=cfg.model.small_input,
-        model_kwargs=cfg.model.kwargs,
-    )
+    preflight(cfg)
     from msam.trainer import run_train
 
     out_dir = Path(args.out) if args.out else Path("runs") / cfg.name

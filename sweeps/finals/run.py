@@ -123,7 +123,7 @@ def _model_from_checkpoint(cfg: Any, folder: Path) -> Any | None:
     """The trained model of a finished final, rebuilt from its last checkpoint (None if absent):
     lets a rerun add flatness metrics that a crash after training left out."""
     from msam.data import dataset_info
-    from msam.models import create_model
+    from msam.models import model_for
     from msam.trainer import load_checkpoint, resolve_device
 
     state = load_checkpoint(folder / CHECKPOINT)
@@ -135,14 +135,7 @@ def _model_from_checkpoint(cfg: Any, folder: Path) -> Any | None:
         synthetic=cfg.data.synthetic.model_dump() if cfg.data.synthetic else None,
         img_size=cfg.data.img_size,
     )
-    model = create_model(
-        cfg.model.name,
-        num_classes=info.num_classes,
-        in_chans=info.in_chans,
-        img_size=info.img_size,
-        small_input=cfg.model.small_input,
-        kwargs=cfg.model.kwargs,
-    )
+    model = model_for(cfg.model, info)
     model.load_state_dict(state["model"])
     return model.to(resolve_device(cfg.train.device))
 

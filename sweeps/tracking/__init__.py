@@ -5,22 +5,5 @@ the trainer; workers warm W&B's service with :func:`start_service`; ``msam sync`
 runs with :func:`sync_run`. Importing this package does not import wandb.
 """
 
-from sweeps.tracking.wandb_runs import (
-    HISTORY_KEYS,
-    WandbCallback,
-    find_offline_runs,
-    has_credentials,
-    resolve_mode,
-    start_service,
-    sync_run,
-)
-
-__all__ = [
-    "HISTORY_KEYS",
-    "WandbCallback",
-    "find_offline_runs",
-    "has_credentials",
-    "resolve_mode",
-    "start_service",
-    "sync_run",
-]
+from sweeps.tracking.wandb_runs import *  # noqa: F403 - the package is its module's __all__
+from sweeps.tracking.wandb_runs import __all__ as __all__
