@@ -9,15 +9,28 @@ optimizer of the sweep. A sweep of SGD alone therefore trains its base epochs ei
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from msam.optim import grad_evals_per_update
 from sweeps.spec import SweepSpec
 
-__all__ = ["epochs", "grad_evals_per_update", "nominal_grad_evals"]
+__all__ = ["epochs", "grad_evals_of", "grad_evals_per_update", "nominal_grad_evals"]
 
 
 def nominal_grad_evals(optimizer: str) -> int:
     """Gradient evaluations per update of an optimizer at a positive rho (SGD 1, (m)SAM 2)."""
     return grad_evals_per_update(optimizer, 0.0 if optimizer == "sgd" else 1.0)
+
+
+def grad_evals_of(spec: SweepSpec | None, optimizer: str, params: Mapping[str, Any]) -> int:
+    """Gradient evaluations per update of a tuned configuration: its searched rho, else the
+    spec's ``base.optim.rho`` (rho not searched), else the optimizer's nominal cost."""
+    if "rho" in params:
+        return grad_evals_per_update(optimizer, float(params["rho"]))
+    if spec is not None and optimizer != "sgd":
+        return grad_evals_per_update(optimizer, float(spec.base.optim.rho))
+    return nominal_grad_evals(optimizer)
 
 
 def epochs(spec: SweepSpec, optimizer: str, *, final: bool = False) -> int:

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from msam.errors import UserError
+from msam.files import write_json
 from sweeps.finals.flatness import FlatnessSettings, flatness_sample, measure_flatness
+from sweeps.layout import RunFolder
 from sweeps.results.stats import paired_difference, summarize
 from sweeps.spec import SweepSpec
 
@@ -94,7 +96,7 @@ def run_one(
         "train_seconds": result.summary["seconds"],
         "images_per_s": result.summary["images_per_s"],
     }
-    if result.status != "complete" or result.model is None:
+    if result.status != "complete" or result.model is None or not flatness.enabled:
         return row
     # The sample and the measurement of the final stage, at one rho for every arm.
     sample = flatness_sample(cfg, flatness)
@@ -315,7 +317,7 @@ def run(
                 rows.append(json.loads(path.read_text()))
                 continue
             row = run_one(spec, arm, seed, lr=lr, rho=rho, epochs=epochs, flatness=flat)
-            path.write_text(json.dumps(row, indent=2) + "\n")
+            write_json(path, row)
             rows.append(row)
             print(
                 f"{arm.label:>10} seed {seed}: test_acc {row['test_acc']}, "
@@ -343,7 +345,7 @@ def run(
         "runs": rows,
         "summary": summarize_rows(rows, [a.label for a in arms]),
     }
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "results.json", result)
     (out / "README.md").write_text(markdown(result))
     plots(result, out)
     return result
@@ -353,7 +355,7 @@ def tuned_lr_rho(run_dir: str | Path) -> tuple[float, float]:
     """The lr and rho of a sweep's tuned SAM config (``tuned/<name>-sam.yaml``)."""
     from msam.config import load_train_config
 
-    found = sorted(Path(run_dir).glob("tuned/*-sam.yaml"))
+    found = sorted(RunFolder(run_dir).tuned_dir.glob("*-sam.yaml"))
     if not found:
         raise UserError(f"--tuned {run_dir}: no tuned/*-sam.yaml there (run the sweep first)")
     cfg = load_train_config(found[0])

@@ -5,7 +5,8 @@ spec.yaml             the resolved spec as launched
 optuna.journal        the default storage
 wandb/                W&B runs
 logs/worker-<k>.log   output of the launcher's worker processes
-trials/<opt>/<n>/     a trial's metrics.jsonl, checkpoint.pt while running, timing.json
+trials/<opt>/<n>/     a trial's metrics.jsonl, summary.json, timing.json (error.txt if it raised;
+                      checkpoint.pt while it runs)
 finals/<opt>/seed<k>/ a final's final.json, metrics.jsonl, summary.json (<opt>-top<r> for rank r)
 finals/.stale/        finals of trials that are no longer the best, kept for inspection
 leaderboard.md/.json, report.html, tuned/<name>-<opt>.yaml
@@ -73,6 +74,11 @@ class RunFolder:
     @property
     def journal(self) -> Path:
         return self.root / JOURNAL_FILE
+
+    @property
+    def wandb(self) -> Path:
+        """Where W&B writes its runs when given the run folder as its ``dir``."""
+        return self.root / "wandb"
 
     @property
     def logs(self) -> Path:

@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from msam.files import atomic_write
+
 __all__ = [
     "COLUMNS",
     "markdown_table",
@@ -92,7 +94,7 @@ def write_records(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
     """The records as a JSON list (one object per configuration), folders created as needed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(list(records), indent=1) + "\n")
+    atomic_write(path, json.dumps(list(records), indent=1) + "\n")
     return path
 
 

@@ -8,6 +8,7 @@ import os
 from msam.errors import UserError
 from sweeps.cli._common import add_set_option, preflight
 from sweeps.engine.launch import STORAGE_ENV
+from sweeps.run import STAGES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -26,9 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep.add_argument(
         "--storage", metavar="URL", help="Optuna storage (default: <out>/optuna.journal)"
     )
-    sweep.add_argument(
-        "--stage", choices=("all", "tune", "final"), default="all", help="which stages to run"
-    )
+    sweep.add_argument("--stage", choices=STAGES, default="all", help="which stages to run")
     sweep.set_defaults(func=run_sweep)
 
     worker = subparsers.add_parser(

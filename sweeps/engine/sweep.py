@@ -21,6 +21,7 @@ import yaml
 
 from msam.config import first_difference
 from msam.errors import UserError
+from msam.files import atomic_write
 from sweeps.engine.launch import WorkerPool, worker_threads
 from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
 from sweeps.engine.live import LiveView, best_table, snapshot
@@ -120,7 +121,7 @@ def run_sweep(run: SweepRun) -> int:
 def write_spec(spec: SweepSpec, folder: RunFolder) -> None:
     """``<out>/spec.yaml``: the resolved spec as launched (workers read this very file)."""
     folder.root.mkdir(parents=True, exist_ok=True)
-    folder.spec.write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
+    atomic_write(folder.spec, yaml.safe_dump(spec.to_dict(), sort_keys=False))
 
 
 def tune(run: SweepRun, storage: Any) -> int:
@@ -209,11 +210,6 @@ def _set_threads() -> None:
     import torch
 
     torch.set_num_threads(worker_threads())
-
-
-def _default_worker_index() -> int:
-    """A worker started by hand gets a seed offset of its own (host and pid), not 0."""
-    return 1000 + zlib.crc32(f"{socket.gethostname()}:{os.getpid()}".encode()) % 1_000_000
 
 
 def _default_worker_index() -> int:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from sweeps.budget import grad_evals_per_update
+from sweeps.budget import grad_evals_of
 from sweeps.results.read import FinalRecord, SweepResults, json_safe, mean_of, package_versions
 from sweeps.results.stats import PairedDiff, Summary, compare_optimizers, summarize
+from sweeps.studies import study_name
 
 __all__ = ["FLATNESS_KEYS", "PARAM_KEYS", "Leaderboard", "Row", "build_leaderboard"]
 
@@ -330,7 +331,8 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
         ranks = results.ranks(optimizer) or [1]
         ranked = study.ranked(max(ranks)) if study is not None else []
         if study is None and results.storage_shown is not None:
-            notes.append(f"no study named {results.name}/{optimizer} in {results.storage_shown}")
+            name = study_name(results.name, optimizer)
+            notes.append(f"no study named {name} in {results.storage_shown}")
         for rank in ranks:
             finals = results.finals_of(optimizer, rank)
             trial = ranked[rank - 1] if rank <= len(ranked) else None
@@ -357,7 +359,7 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
                 params=params,
                 tuning_val_acc=job.get("val_acc", trial.value if trial is not None else None),
                 trials=study.counts() if study is not None else None,
-                grad_evals_per_update=grad_evals_per_update(optimizer, params.get("rho", 0.0)),
+                grad_evals_per_update=grad_evals_of(results.spec, optimizer, params),
             )
             if trial is not None and finals and job.get("trial") not in (None, trial.number):
                 notes.append(

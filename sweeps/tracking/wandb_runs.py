@@ -24,6 +24,7 @@ from typing import Any
 
 from msam.callbacks import Callback
 from msam.errors import UserError
+from sweeps.layout import RunFolder
 
 __all__ = [
     "HISTORY_KEYS",
@@ -268,7 +269,7 @@ def find_offline_runs(run_dir: str | os.PathLike[str]) -> list[Path]:
     root = Path(run_dir)
     if root.name.startswith("offline-run-"):
         return [root]
-    wandb_dir = root / "wandb" if (root / "wandb").is_dir() else root
+    wandb_dir = RunFolder(root).wandb if RunFolder(root).wandb.is_dir() else root
     return sorted(p for p in wandb_dir.glob("offline-run-*") if p.is_dir())
 
 

@@ -90,3 +90,11 @@ def test_the_help_text_says_what_the_code_does():
 def test_gradient_evaluations_per_update(optimizer, rho, evals):
     assert budget.grad_evals_per_update(optimizer, rho) == evals
     assert budget.grad_evals_per_update(optimizer, 0.0) == 1  # rho 0 is the plain gradient
+
+
+def test_the_cost_of_a_tuned_configuration_without_a_searched_rho():
+    spec = spec_of(["sgd", "sam", "msam"])
+    assert budget.grad_evals_of(spec, "sam", {"lr": 0.1}) == 2  # base.optim.rho, not 0
+    assert budget.grad_evals_of(spec, "msam", {"lr": 0.1, "rho": 0.0}) == 1
+    assert budget.grad_evals_of(spec, "sgd", {"lr": 0.1}) == 1
+    assert budget.grad_evals_of(None, "sam", {}) == 2

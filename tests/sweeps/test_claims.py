@@ -55,6 +55,12 @@ def test_claims_run_writes_tables_and_resumes(tmp_path):
     assert stored in again["runs"]
 
 
+def test_claims_without_flatness(tmp_path):
+    spec = parse_sweep_spec({**SPEC, "final": {"flatness": {"images": 0}}})
+    result = run(spec, out=tmp_path, micro_batches=[2], seeds=2, epochs=1)
+    assert all("hessian_top_eig" not in r and r["status"] == "complete" for r in result["runs"])
+
+
 def test_bad_micro_batches_are_user_errors():
     with pytest.raises(UserError, match="divides batch_size"):
         methods(32, [3, 5])
