@@ -163,6 +163,6 @@ class LiveView:
 
     def say(self, message: str) -> None:
         if self.live is not None:
-            self.live.console.print(message)
+            self.live.console.print(message, markup=False, highlight=False)  # "[lr=0.1]" is text
         else:
             print(message, file=sys.stdout, flush=True)

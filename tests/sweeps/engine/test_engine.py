@@ -214,10 +214,11 @@ def test_live_view_table_on_a_terminal_and_lines_elsewhere(tmp_path, write_spec,
     assert "best trial per optimizer" in console.file.getvalue()
 
     terminal = Console(file=io.StringIO(), width=120, force_terminal=True)
-    with LiveView(spec, storage, interval_s=0.05, console=terminal):
-        pass
+    with LiveView(spec, storage, interval_s=0.05, console=terminal) as view:
+        view.say("sgd trial 0: complete val_acc 0.5157 [lr=0.1, rho=0.05]")
     shown = terminal.file.getvalue()
     assert "sweep tiny" in shown and "best val" in shown and "msam" in shown
+    assert "[lr=0.1, rho=0.05]" in shown  # a trial's parameters are text, not rich markup
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
