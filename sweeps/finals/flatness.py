@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from sweeps.spec import Flatness, SweepSpec
@@ -121,5 +121,6 @@ def measure_flatness(
     )
     report["iters"] = settings.iters
     report["samples"] = settings.samples
+    report["settings"] = asdict(settings)  # a rerun with other settings measures again
     report["seconds"] = time.perf_counter() - start
     return report

@@ -18,7 +18,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -164,21 +164,37 @@ def _record(job: FinalJob, summary: dict[str, Any], outcome: str) -> FinalRecord
     )
 
 
-def _finish_done(job: FinalJob, measure: Measure | None) -> FinalRecord | None:
-    """The record of a final already done (adding flatness a crash left out), or None when it
-    still has to train; a done final whose model is gone is cleared to train again."""
+def _finish_done(
+    job: FinalJob, measure: Measure | None, settings: FlatnessSettings
+) -> FinalRecord | None:
+    """The record of a final already done, or None when it still has to train.
+
+    Flatness that a crash left out, or that was measured with other ``final.flatness``
+    settings, is measured (again) on the model of the final's checkpoint; a done final without
+    flatness whose model is gone is cleared to train again.
+    """
     folder = job.dir
     summary = read_json(folder / SUMMARY)
     if summary is None or summary.get("status") not in DONE_STATES:
         return None
-    if summary["status"] == "diverged" or measure is None or "flatness" in summary:
+    flat = summary.get("flatness")
+    # Summaries written before the settings were recorded keep their values.
+    stale = isinstance(flat, dict) and flat.get("settings", asdict(settings)) != asdict(settings)
+    if summary["status"] == "diverged" or measure is None or (flat is not None and not stale):
         return _record(job, summary, "skipped")
-    model = _model_from_checkpoint(job.cfg, folder)  # trained, but flatness never written
+    model = _model_from_checkpoint(job.cfg, folder)
     if model is not None:
         summary["flatness"] = measure(model)
         summary["final"] = job.identity()
         write_json(folder / SUMMARY, summary)
         return _record(job, summary, "flatness added")
+    if stale:
+        warnings.warn(
+            f"{folder}: flatness was measured with other final.flatness settings and the "
+            "checkpoint to measure it again is gone; keeping the old values",
+            stacklevel=3,
+        )
+        return _record(job, summary, "skipped")
     for name in (SUMMARY, METRICS, CHECKPOINT):  # its model is gone: train again
         (folder / name).unlink(missing_ok=True)
     return None
@@ -254,7 +270,7 @@ def run_final(
     recorded = read_json(job.dir / FINAL_JOB)
     if job.dir.exists() and not job.owns(recorded):
         _retire(job.dir, run, job, (recorded or {}).get("trial"))
-    done = _finish_done(job, measure)
+    done = _finish_done(job, measure, settings)
     return done if done is not None else _train(job, spec, run, measure, verbose)
 
 

@@ -176,6 +176,19 @@ def test_rerun_skips_complete_and_adds_missing_flatness(tiny_sweep, tmp_path):
     assert again["sam_sharpness"] == pytest.approx(before["sam_sharpness"], rel=1e-4, abs=1e-7)
 
 
+def test_other_flatness_settings_measure_again_without_training(tiny_sweep, tmp_path):
+    run_dir = copy_sweep(tiny_sweep, tmp_path)
+    metrics = {p: p.stat().st_mtime_ns for p in run_dir.glob("finals/*/seed*/metrics.jsonl")}
+    spec = spec_of(**{"final.flatness.iters": 3})
+    run = SweepRun.create(spec, out=run_dir)
+    records = run_finals(run, journal(run_dir), verbose=False).records
+    assert [r.outcome for r in records] == ["flatness added"] * 6
+    assert {p: p.stat().st_mtime_ns for p in metrics} == metrics  # nothing retrained
+    assert {r.summary["flatness"]["iters"] for r in records} == {3}
+    again = run_finals(run, journal(run_dir), verbose=False).records
+    assert [r.outcome for r in again] == ["skipped"] * 6
+
+
 def test_better_trial_replaces_a_stale_final(tiny_sweep, tmp_path):
     run_dir = copy_sweep(tiny_sweep, tmp_path)
     spec = tiny_sweep.spec
