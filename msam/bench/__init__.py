@@ -10,9 +10,9 @@ torch on first use (PEP 562). Imports neither optuna nor wandb.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from msam._lazy import lazy_exports
 from msam.bench.results import (
     COLUMNS,
     markdown_table,
@@ -44,14 +44,4 @@ __all__ = [
 _LAZY = {"machine_info": "msam.bench.machine", "measure_speed": "msam.bench.speed"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'msam.bench' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)

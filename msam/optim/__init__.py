@@ -7,9 +7,9 @@ sweep spec or a leaderboard without importing torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from msam._lazy import lazy_exports
 from msam.optim._cost import grad_evals_per_update
 
 if TYPE_CHECKING:
@@ -21,14 +21,4 @@ __all__ = ["MSAM", "SAM", "grad_evals_per_update"]
 _LAZY = {"MSAM": "msam.optim._msam", "SAM": "msam.optim._sam"}
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'msam.optim' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
