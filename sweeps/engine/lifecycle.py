@@ -58,6 +58,7 @@ def ensure_studies(spec: SweepSpec, storage: Any) -> None:
         if study.get_trials(deepcopy=False):
             continue
         study.set_user_attr("sweep", spec.name)
+        study.set_user_attr("spec", spec.to_dict())  # who may join: see check_same_studies
         study.set_user_attr("optimizer", optimizer)
         study.set_user_attr("budget", spec.budget.trials)
         if spec.budget.sampler == "grid":

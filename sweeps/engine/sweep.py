@@ -36,7 +36,15 @@ from sweeps.spec import SweepSpec, load_sweep_spec
 from sweeps.storage import open_storage
 from sweeps.studies import open_study
 
-__all__ = ["RERUN_MAY_CHANGE", "check_same_sweep", "run_sweep", "run_worker", "tune", "write_spec"]
+__all__ = [
+    "RERUN_MAY_CHANGE",
+    "check_same_studies",
+    "check_same_sweep",
+    "run_sweep",
+    "run_worker",
+    "tune",
+    "write_spec",
+]
 
 #: Settings a rerun may change without starting another sweep: a larger or smaller budget, the
 #: final stage, tracking, and where data and device live on this machine. Anything else (the
@@ -77,6 +85,26 @@ def check_same_sweep(spec: SweepSpec, folder: RunFolder) -> None:
         )
 
 
+def check_same_studies(run: SweepRun, storage: Any) -> None:
+    """Refuse (exit 2, nothing touched) a launcher or worker whose spec differs, beyond
+    :data:`RERUN_MAY_CHANGE`, from the spec that created the sweep's studies in ``storage``:
+    its trials would train another model or search another space inside the same studies.
+    Studies made before the spec was recorded are not checked."""
+    spec = run.spec
+    for optimizer in spec.optimizers:
+        study = open_study(storage, spec.name, optimizer)
+        recorded = study.user_attrs.get("spec") if study is not None else None
+        if not isinstance(recorded, dict):
+            continue
+        found = first_difference(recorded, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
+        if found is not None:
+            key, old, new = found
+            raise UserError(
+                f"study {study.study_name} in {run.storage.shown} belongs to a sweep launched "
+                f"with {key} = {old!r}, not {new!r}; join it with that sweep's spec.yaml"
+            )
+
+
 def _open(run: SweepRun) -> Any:
     """Check the run folder and the spec, then open the storage (errors exit 2 before work)."""
     import optuna
@@ -88,7 +116,9 @@ def _open(run: SweepRun) -> Any:
             "base.data.val_fraction is 0: tuning needs a validation split to score trials "
             "(e.g. 0.1); the test set is kept for the final runs"
         )
-    return open_storage(run.storage, heartbeat_stale_trial_callback=make_stale_callback())
+    storage = open_storage(run.storage, heartbeat_stale_trial_callback=make_stale_callback())
+    check_same_studies(run, storage)
+    return storage
 
 
 def run_sweep(run: SweepRun) -> int:
