@@ -60,6 +60,17 @@ RERUN_MAY_CHANGE = (
 LAUNCH_OWNERLESS_GRACE_S = 30
 
 
+def _refuse_another_spec(
+    recorded: dict[str, Any], spec: SweepSpec, holder: str, advice: str
+) -> None:
+    """UserError naming the first key beyond :data:`RERUN_MAY_CHANGE` where ``spec`` differs
+    from the ``recorded`` one."""
+    found = first_difference(recorded, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
+    if found is not None:
+        key, old, new = found
+        raise UserError(f"{holder} launched with {key} = {old!r}, not {new!r}; {advice}")
+
+
 def check_same_sweep(spec: SweepSpec, folder: RunFolder) -> None:
     """Refuse (exit 2, nothing touched) to run into a folder that holds another sweep.
 
@@ -76,13 +87,12 @@ def check_same_sweep(spec: SweepSpec, folder: RunFolder) -> None:
             f"{path} cannot be read ({exc}); move it away only if {folder.root} holds no sweep "
             "of yours"
         ) from None
-    found = first_difference(before, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
-    if found is not None:
-        key, old, new = found
-        raise UserError(
-            f"{folder.root} holds sweep '{before.get('name')}' launched with {key} = {old!r}, "
-            f"not {new!r}; rerun with the same spec to resume it, or choose another --out"
-        )
+    _refuse_another_spec(
+        before,
+        spec,
+        f"{folder.root} holds sweep '{before.get('name')}'",
+        "rerun with the same spec to resume it, or choose another --out",
+    )
 
 
 def check_same_studies(run: SweepRun, storage: Any) -> None:
@@ -96,13 +106,12 @@ def check_same_studies(run: SweepRun, storage: Any) -> None:
         recorded = study.user_attrs.get("spec") if study is not None else None
         if not isinstance(recorded, dict):
             continue
-        found = first_difference(recorded, spec.to_dict(), ignore=RERUN_MAY_CHANGE)
-        if found is not None:
-            key, old, new = found
-            raise UserError(
-                f"study {study.study_name} in {run.storage.shown} belongs to a sweep launched "
-                f"with {key} = {old!r}, not {new!r}; join it with that sweep's spec.yaml"
-            )
+        _refuse_another_spec(
+            recorded,
+            spec,
+            f"study {study.study_name} in {run.storage.shown} belongs to a sweep",
+            "join it with that sweep's spec.yaml",
+        )
 
 
 def _open(run: SweepRun) -> Any:
