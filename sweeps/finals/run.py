@@ -39,7 +39,7 @@ from sweeps.run import SweepRun
 from sweeps.spec import SweepSpec
 from sweeps.tracking import WandbCallback
 
-__all__ = ["FinalsResult", "run_final", "run_finals"]
+__all__ = ["FinalsResult", "retire_stale", "run_final", "run_finals"]
 
 #: Measures one trained model's flatness (see ``sweeps.finals.flatness``).
 Measure = Callable[[Any], dict[str, Any]]
@@ -158,6 +158,15 @@ def _retire(folder: Path, run: RunFolder, job: FinalJob, trial: Any) -> None:
     )
 
 
+def retire_stale(jobs: Sequence[FinalJob], run: RunFolder) -> None:
+    """Move every final that belongs to another trial out of the way before any trains: a stage
+    stopped after its first new final can then never leave finals of two trials under one rank."""
+    for job in jobs:
+        recorded = read_json(job.dir / FINAL_JOB)
+        if job.dir.exists() and not job.owns(recorded):
+            _retire(job.dir, run, job, (recorded or {}).get("trial"))
+
+
 def _record(job: FinalJob, summary: dict[str, Any], outcome: str) -> FinalRecord:
     return FinalRecord(
         job.optimizer, job.rank, job.seed, job.dir, summary, job.identity(), outcome=outcome
@@ -267,9 +276,7 @@ def run_final(
         def measure(model: Any) -> dict[str, Any]:
             return measure_flatness(model, sample, rho=rho, adaptive=adaptive, settings=settings)
 
-    recorded = read_json(job.dir / FINAL_JOB)
-    if job.dir.exists() and not job.owns(recorded):
-        _retire(job.dir, run, job, (recorded or {}).get("trial"))
+    retire_stale([job], run)
     done = _finish_done(job, measure, settings)
     return done if done is not None else _train(job, spec, run, measure, verbose)
 
@@ -310,6 +317,7 @@ def run_finals(
     settings = flatness or FlatnessSettings.from_spec(spec)
     jobs = plan_finals(spec, storage, run.folder)
     sample = flatness_sample(jobs[0].cfg, settings) if jobs and settings.enabled else None
+    retire_stale(jobs, run.folder)
     records = []
     for job in jobs:
         records.append(run_final(job, spec, run.folder, sample, settings, verbose=verbose))

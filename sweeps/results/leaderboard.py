@@ -368,6 +368,12 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
                 )
             _final_block(row, finals)
             rows.append(row)
+    for label, trial in dict.fromkeys((f.label, f.trial) for f in results.set_aside):
+        seeds = [f.seed for f in results.set_aside if (f.label, f.trial) == (label, trial)]
+        notes.append(
+            f"{label}: the final(s) of trial {trial} (seed {', '.join(map(str, seeds))}) are set "
+            "aside, not mixed with the row's trial; rerun the final stage to replace them"
+        )
     if not results.studies and results.storage_shown is None:
         notes.append(
             "no Optuna storage found (no optuna.journal in the run folder): tuning columns are "

@@ -39,6 +39,7 @@ __all__ = [
     "load_spec",
     "load_study",
     "load_sweep",
+    "one_trial_per_row",
     "mean_of",
     "open_results_storage",
     "package_versions",
@@ -249,6 +250,8 @@ class SweepResults:
     studies: dict[str, StudyResult]
     finals: list[FinalRecord]
     spec: Any | None = None
+    #: Finals left out because their row holds finals of another trial (see ``one_trial_per_row``).
+    set_aside: list[FinalRecord] = field(default_factory=list)
 
     def finals_of(self, optimizer: str, rank: int = 1) -> list[FinalRecord]:
         return [f for f in self.finals if f.optimizer == optimizer and f.rank == rank]
@@ -307,6 +310,7 @@ def load_sweep(
     finals = read_finals(run_dir) if run_dir is not None else []
     if spec is not None:
         finals = [f for f in finals if f.optimizer in spec.optimizers]
+    finals, set_aside = one_trial_per_row(finals, studies)
     optimizers = _ordered(
         list(studies) + [f.optimizer for f in finals] + (list(spec.optimizers) if spec else []),
         spec.optimizers if spec is not None else (),
@@ -323,7 +327,47 @@ def load_sweep(
         studies=studies,
         finals=finals,
         spec=spec,
+        set_aside=set_aside,
     )
+
+
+def one_trial_per_row(
+    finals: Sequence[FinalRecord], studies: Mapping[str, StudyResult]
+) -> tuple[list[FinalRecord], list[FinalRecord]]:
+    """``(kept, set_aside)``: the finals of each optimizer and rank, all of one trial.
+
+    A final stage stopped after tuning found a better trial leaves finals of two trials under
+    one rank; pairing them would compare two configurations as if they were one. The trial kept
+    is the study's current one at that rank when it has finals, else the trial with the most
+    finals (the later trial on a tie). Each set-aside group is named in a warning.
+    """
+    groups: dict[tuple[str, int], dict[Any, list[FinalRecord]]] = {}
+    for record in finals:
+        groups.setdefault((record.optimizer, record.rank), {}).setdefault(record.trial, [])
+        groups[(record.optimizer, record.rank)][record.trial].append(record)
+    kept: list[FinalRecord] = []
+    set_aside: list[FinalRecord] = []
+    for (optimizer, rank), by_trial in groups.items():
+        if len(by_trial) == 1:
+            kept.extend(next(iter(by_trial.values())))
+            continue
+        study = studies.get(optimizer)
+        ranked = study.ranked(rank) if study is not None else []
+        current = ranked[rank - 1].number if len(ranked) >= rank else None
+        if current not in by_trial:
+            current = max(by_trial, key=lambda t: (len(by_trial[t]), -1 if t is None else t))
+        for trial, records in by_trial.items():
+            (kept if trial == current else set_aside).extend(records)
+            if trial != current:
+                seeds = ", ".join(str(r.seed) for r in records)
+                warnings.warn(
+                    f"{records[0].label}: set aside the final(s) of trial {trial} (seed "
+                    f"{seeds}): rank {rank} holds finals of trial {current}; rerun the final "
+                    "stage to replace them",
+                    stacklevel=3,
+                )
+    order = {id(r): i for i, r in enumerate(finals)}
+    return sorted(kept, key=lambda r: order[id(r)]), sorted(set_aside, key=lambda r: order[id(r)])
 
 
 def mean_of(values: Iterable[Any]) -> float | None:
