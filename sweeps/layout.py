@@ -2,6 +2,7 @@
 
 ```
 spec.yaml             the resolved spec as launched
+.launcher.lock        held by the one `msam sweep` running on this folder (who: pid, host, since)
 optuna.journal        the default storage
 wandb/                W&B runs
 logs/worker-<k>.log   output of the launcher's worker processes
@@ -74,6 +75,10 @@ class RunFolder:
     @property
     def journal(self) -> Path:
         return self.root / JOURNAL_FILE
+
+    @property
+    def launcher_lock(self) -> Path:
+        return self.root / ".launcher.lock"
 
     @property
     def wandb(self) -> Path:

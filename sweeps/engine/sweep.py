@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import yaml
 from msam.config import first_difference
 from msam.errors import UserError
 from msam.files import atomic_write
+from sweeps.engine.folder_lock import launcher_lock
 from sweeps.engine.launch import WorkerPool, worker_threads
 from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
 from sweeps.engine.live import LiveView, best_table, snapshot
@@ -131,8 +133,28 @@ def _open(run: SweepRun) -> Any:
 
 
 def run_sweep(run: SweepRun) -> int:
-    """``msam sweep``: open (and check) the storage, then run the requested stages in order."""
+    """``msam sweep``: open (and check) the storage, hold the run folder (one launcher at a
+    time; ``msam worker`` may still join), then run the requested stages in order."""
     storage = _open(run)
+    with launcher_lock(run.folder):
+        return _run_stages(run, storage)
+
+
+def _warn_tuning_incomplete(run: SweepRun, storage: Any) -> None:
+    """``--stage final`` before every study has its budget: the finals use the best so far."""
+    short = [c for c in snapshot(run.spec, storage) if not c.done]
+    if short:
+        which = ", ".join(f"{c.optimizer} {c.finished}/{c.budget}" for c in short)
+        warnings.warn(
+            f"tuning is not complete ({which} trials finished): the finals use the best trials "
+            "so far, and a later rerun that finds better ones replaces them",
+            stacklevel=2,
+        )
+
+
+def _run_stages(run: SweepRun, storage: Any) -> int:
+    if run.stage == "final":
+        _warn_tuning_incomplete(run, storage)
     if run.stage in ("all", "tune"):
         code = tune(run, storage)
         if code:
