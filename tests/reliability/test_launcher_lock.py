@@ -94,12 +94,9 @@ def test_a_dead_launchers_lock_is_taken_over(tmp_path, write_spec, msam_cli):
 
 def test_the_lock_is_released_when_the_holder_dies(tmp_path):
     folder = RunFolder(tmp_path / "run")
-    with launcher_lock(folder):
-        with pytest.raises(Exception, match="another msam sweep"):
-            # a second holder in another process is what launchers are; the same process
-            # opening a second descriptor conflicts just the same under flock
-            with launcher_lock(folder):
-                pass
+    # A second descriptor conflicts under flock even in the same process, as launchers do.
+    with launcher_lock(folder), pytest.raises(Exception, match="another msam sweep"):
+        launcher_lock(folder).__enter__()
     with launcher_lock(folder):  # released on exit: taken again at once
         pass
 
