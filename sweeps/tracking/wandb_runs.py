@@ -107,6 +107,7 @@ class WandbCallback(Callback):
         entity: str | None = None,
         dir: str | os.PathLike[str] | None = None,
         run_id: str | None = None,
+        resume: str | None = None,
         finish_on_end: bool = True,
     ) -> None:
         self.project = project
@@ -120,6 +121,8 @@ class WandbCallback(Callback):
         self.dir = Path(dir) if dir is not None else None
         self.finish_on_end = finish_on_end
         self._run_id = run_id or new_run_id()
+        #: ``"allow"``: continue the run of ``run_id`` if W&B has it (a rerun bringing it up to date).
+        self.resume = resume
         self.run: Any = None
         self.seconds = 0.0
         self._summary: dict[str, Any] = {}
@@ -243,6 +246,7 @@ class WandbCallback(Callback):
             dir=str(self.dir) if self.dir is not None else None,
             mode=self.mode,
             id=self._run_id,
+            resume=self.resume,
             reinit="create_new",
             settings=settings,
         )
