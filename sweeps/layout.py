@@ -8,7 +8,8 @@ wandb/                W&B runs
 logs/worker-<k>.log   output of the launcher's worker processes
 trials/<opt>/<n>/     a trial's metrics.jsonl, summary.json, timing.json (error.txt if it raised;
                       checkpoint.pt while it runs)
-finals/<opt>/seed<k>/ a final's final.json, metrics.jsonl, summary.json (<opt>-top<r> for rank r)
+finals/<opt>/seed<k>/ a final's final.json, metrics.jsonl, summary.json, wandb.json (<opt>-top<r>
+                      for rank r)
 finals/.stale/        finals of trials that are no longer the best, kept for inspection
 leaderboard.md/.json, report.html, tuned/<name>-<opt>.yaml
 ```
@@ -31,6 +32,7 @@ __all__ = [
     "METRICS",
     "SUMMARY",
     "TIMING",
+    "WANDB_RUN",
     "RunFolder",
     "final_label",
     "parse_final_dir",
@@ -39,6 +41,8 @@ __all__ = [
 JOURNAL_FILE = "optuna.journal"
 #: Written into a final's folder before it trains: which trial, seed and epochs it stands for.
 FINAL_JOB = "final.json"
+#: A final's W&B run: its id and whether it was finished (a rerun finishes one a kill left open).
+WANDB_RUN = "wandb.json"
 #: Where a finished trial's time went (train vs the sweep's own overhead).
 TIMING = "timing.json"
 

@@ -33,7 +33,16 @@ from sweeps.finals.flatness import (
     measure_flatness,
 )
 from sweeps.finals.plan import FinalJob, plan_finals
-from sweeps.layout import CHECKPOINT, ERROR, FINAL_JOB, METRICS, SUMMARY, RunFolder, final_label
+from sweeps.layout import (
+    CHECKPOINT,
+    ERROR,
+    FINAL_JOB,
+    METRICS,
+    SUMMARY,
+    WANDB_RUN,
+    RunFolder,
+    final_label,
+)
 from sweeps.results.read import FinalRecord
 from sweeps.run import SweepRun
 from sweeps.spec import SweepSpec
@@ -87,6 +96,9 @@ class _Guarded(Callback):
         self._call("on_epoch_end", epoch, metrics)
         return None  # tracking never stops a final
 
+    def on_resume(self, history: Sequence[Mapping[str, Any]]) -> None:
+        self._call("on_resume", history)
+
     def on_train_end(self, summary: Mapping[str, Any]) -> None:
         """Held back: see ``finish``."""
 
@@ -94,9 +106,12 @@ class _Guarded(Callback):
         self._call("on_train_end", summary)
 
 
-def final_tracker(job: FinalJob, spec: SweepSpec, folder: RunFolder) -> _Guarded | None:
+def final_tracker(
+    job: FinalJob, spec: SweepSpec, folder: RunFolder, *, run_id: str | None = None
+) -> _Guarded | None:
     """A W&B run (``job_type=final``, ``group=<name>``) for one final; None when tracking is
-    disabled or W&B cannot start one (a warning says why)."""
+    disabled or W&B cannot start one (a warning says why). With ``run_id``, the run of that id
+    is continued (``resume="allow"``)."""
     if job.cfg.tracking.wandb.mode == "disabled":
         return None
     name = f"{spec.name}-{final_label(job.optimizer, job.rank)}-seed{job.seed}"
@@ -109,11 +124,40 @@ def final_tracker(job: FinalJob, spec: SweepSpec, folder: RunFolder) -> _Guarded
             tags=["final", job.optimizer, f"seed{job.seed}", *job.cfg.tracking.wandb.tags],
             dir=folder.root,
             extra_config={"sweep": spec.name, "final": job.identity()},
+            run_id=run_id,
+            resume="allow" if run_id else None,
         )
     except Exception as exc:
         warnings.warn(f"no W&B run for final {name}: {exc}", stacklevel=2)
         return None
     return _Guarded(inner, f"final {name}")
+
+
+def _note_wandb(folder: Path, tracker: _Guarded | None, *, finished: bool) -> None:
+    """``wandb.json``: the final's W&B run id, and whether its run was finished."""
+    run_id = getattr(tracker.inner, "run_id", None) if tracker is not None else None
+    if isinstance(run_id, str):
+        write_json(folder / WANDB_RUN, {"id": run_id, "finished": finished})
+
+
+def _finish_open_wandb_run(
+    job: FinalJob, spec: SweepSpec, run: RunFolder, summary: Mapping[str, Any]
+) -> None:
+    """A final done on disk whose W&B run was left open (killed after training, while its
+    flatness was measured): continue that run, log the epochs and the summary, and finish it, so
+    W&B says what the files say."""
+    recorded = read_json(job.dir / WANDB_RUN)
+    if not isinstance(recorded, dict) or recorded.get("finished") or not recorded.get("id"):
+        return
+    tracker = final_tracker(job, spec, run, run_id=str(recorded["id"]))
+    if tracker is None:
+        return
+    tracker.on_train_start(job.cfg.to_dict(), {"resumed_to_finish": True})
+    history = _record(job, dict(summary), "read").history()
+    tracker.on_resume(history)
+    tracker.finish(summary)
+    if not tracker.broken:
+        _note_wandb(job.dir, tracker, finished=True)
 
 
 # ----------------------------------------------------------------------------- running
@@ -220,6 +264,7 @@ def _train(
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / FINAL_JOB, job.identity())
     tracker = final_tracker(job, spec, run)
+    _note_wandb(folder, tracker, finished=False)
     failure: str | None = None
     try:
         result = run_train(
@@ -242,12 +287,14 @@ def _train(
     except BaseException:  # interrupted: close its W&B run, then let it propagate
         if tracker is not None:
             tracker.finish({"status": "failed", "reason": "interrupted"})
+            _note_wandb(folder, tracker, finished=True)
         raise
     if failure is not None:  # out of the except block: the traceback's frames are unreachable
         release_memory()
         summary = {"name": job.cfg.name, "status": "failed", "reason": failure}
         summary["final"] = job.identity()
         write_json(folder / SUMMARY, summary)  # not a done state: a rerun retries it
+        _note_wandb(folder, tracker, finished=True)
         return _record(job, summary, "failed")
     summary = dict(result.summary)
     if result.status == "complete" and measure is not None:
@@ -256,6 +303,7 @@ def _train(
     write_json(folder / SUMMARY, summary)
     if tracker is not None:
         tracker.finish(summary)
+        _note_wandb(folder, tracker, finished=True)
     return _record(job, summary, "trained")
 
 
@@ -278,7 +326,10 @@ def run_final(
 
     retire_stale([job], run)
     done = _finish_done(job, measure, settings)
-    return done if done is not None else _train(job, spec, run, measure, verbose)
+    if done is None:
+        return _train(job, spec, run, measure, verbose)
+    _finish_open_wandb_run(job, spec, run, done.summary)
+    return done
 
 
 def _announce(record: FinalRecord, verbose: bool) -> None:
