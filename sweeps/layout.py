@@ -2,6 +2,7 @@
 
 ```
 spec.yaml             the resolved spec as launched
+storage.json          which storage holds the studies (kind, URL with its password masked)
 .launcher.lock        held by the one `msam sweep` running on this folder (who: pid, host, since)
 optuna.journal        the default storage
 wandb/                W&B runs
@@ -79,6 +80,11 @@ class RunFolder:
     @property
     def journal(self) -> Path:
         return self.root / JOURNAL_FILE
+
+    @property
+    def storage_record(self) -> Path:
+        """Where the studies live, recorded at launch (``{"kind", "shown"}``, no password)."""
+        return self.root / "storage.json"
 
     @property
     def launcher_lock(self) -> Path:

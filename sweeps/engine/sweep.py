@@ -22,7 +22,7 @@ import yaml
 
 from msam.config import first_difference
 from msam.errors import UserError
-from msam.files import atomic_write
+from msam.files import atomic_write, write_json
 from sweeps.engine.folder_lock import launcher_lock
 from sweeps.engine.launch import WorkerPool, worker_threads
 from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
@@ -189,6 +189,7 @@ def tune(run: SweepRun, storage: Any) -> int:
     """The tuning stage: studies, workers, live view, and the best trial per optimizer."""
     spec = run.spec
     write_spec(spec, run.folder)
+    write_json(run.folder.storage_record, {"kind": run.storage.kind, "shown": run.storage.shown})
     ensure_studies(spec, storage)
     for opt in spec.optimizers:  # trials left RUNNING by a sweep that died
         study = open_study(storage, spec.name, opt)

@@ -309,7 +309,8 @@ def _final_block(row: Row, finals: Sequence[FinalRecord]) -> None:
         if f.test_acc is None:
             row.not_complete[f.status] = row.not_complete.get(f.status, 0) + 1
     if done:
-        row.test = summarize([f.test_acc for f in sorted(done, key=lambda f: f.seed)])
+        accuracies = [f.test_acc for f in sorted(done, key=lambda f: f.seed)]
+        row.test = summarize(accuracies, bounds=(0.0, 1.0))
         for key in FLATNESS_KEYS:
             row.flatness[key] = mean_of(f.flatness.get(key) for f in done)
         rhos = {f.flatness.get("rho") for f in done if f.flatness.get("rho") is not None}

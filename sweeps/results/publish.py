@@ -9,12 +9,14 @@ holding the leaderboard and the paired comparisons as tables.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from msam.errors import UserError
 from msam.files import atomic_write
 from sweeps.layout import RunFolder
 from sweeps.results.export import write_tuned
@@ -181,14 +183,29 @@ def publish(
     run_dir = results.run_dir
     if run_dir is None:
         return board
-    write_leaderboard(board, run_dir)
-    if report:
-        write_report(results, board, RunFolder(run_dir).report)
-    if tuned and results.spec is not None:
-        write_tuned(results, board, run_dir)
+    try:
+        write_leaderboard(board, run_dir)
+        if report:
+            write_report(results, board, RunFolder(run_dir).report)
+        if tuned and results.spec is not None:
+            write_tuned(results, board, run_dir)
+    except OSError as exc:  # a full disk, a folder gone read-only mid-way
+        raise UserError(
+            f"{run_dir}: cannot write the leaderboard's files ({exc.strerror or exc}); the "
+            "table above is all that was produced"
+        ) from None
     if wandb:
         log_leaderboard_to_wandb(board, results)
     return board
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before reading anything, a run folder the leaderboard's files cannot go into."""
+    if run_dir.is_dir() and not os.access(run_dir, os.W_OK):
+        raise UserError(
+            f"{run_dir}: the run folder is read-only; msam leaderboard writes leaderboard.md, "
+            "leaderboard.json, report.html and tuned/ there: copy it somewhere writable first"
+        )
 
 
 def run_leaderboard(
@@ -209,6 +226,7 @@ def run_leaderboard(
     logs a ``job_type=leaderboard`` run (the sweep does; a reprint does not). Returns 0.
     """
     run_dir = Path(run_dir)
+    check_writable(run_dir)
     if storage is None or not isinstance(storage, (str, Path)):
         results = load_sweep(run_dir, storage, spec=spec, storage_url=storage_url)
         publish(results, wandb=wandb, report=report, console=console)

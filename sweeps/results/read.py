@@ -87,6 +87,7 @@ def open_results_storage(run_dir: str | Path | None, storage: Any = None) -> tup
         return storage, None
     if storage is None:
         if run_dir is None or not RunFolder(run_dir).journal.is_file():
+            _refuse_if_studies_elsewhere(run_dir)
             return None, None
         ref = resolve_storage(None, Path(run_dir))
         return open_storage(ref), RunFolder(run_dir).journal.name
@@ -94,6 +95,24 @@ def open_results_storage(run_dir: str | Path | None, storage: Any = None) -> tup
     if ref.kind == "journal" and not Path(ref.arg).is_file():
         raise UserError(f"--storage {ref.shown}: no such journal file")
     return open_storage(ref), ref.shown
+
+
+def _refuse_if_studies_elsewhere(run_dir: str | Path | None) -> None:
+    """A run folder whose studies live in a database: without ``--storage`` its leaderboard
+    would lose every tuning column (and overwrite the files that had them), so say where."""
+    if run_dir is None:
+        return
+    folder = RunFolder(run_dir)
+    recorded = read_json(folder.storage_record) or {}
+    shown = recorded.get("shown") if recorded.get("kind") not in (None, "journal") else None
+    if shown is None:  # folders from before storage.json: the last leaderboard says it
+        last = (read_json(folder.leaderboard_json) or {}).get("storage")
+        shown = last if isinstance(last, str) and "://" in last else None
+    if shown is not None:
+        raise UserError(
+            f"{run_dir}: this sweep's studies live in {mask_url(str(shown))}, not in the run "
+            "folder; pass --storage URL (the same one the sweep used)"
+        )
 
 
 @dataclass

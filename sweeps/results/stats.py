@@ -92,8 +92,17 @@ class Summary:
         )
 
 
-def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
-    """Mean, sample std (n - 1) and the t-interval ``mean ± t(df=n-1) * std / sqrt(n)``."""
+def summarize(
+    values: Sequence[float],
+    confidence: float = 0.95,
+    *,
+    bounds: tuple[float, float] | None = None,
+) -> Summary:
+    """Mean, sample std (n - 1) and the t-interval ``mean ± t(df=n-1) * std / sqrt(n)``.
+
+    ``bounds`` is the range the quantity can take (``(0, 1)`` for an accuracy): the interval is
+    cut to it, since a mean outside is impossible (a 2-seed t-interval easily reaches past 100%).
+    """
     vals = _finite_floats(values, "summarize")
     if not vals:
         raise ValueError("summarize: no values")
@@ -103,7 +112,10 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
         return Summary(1, vals[0], None, None, None, tuple(vals), confidence)
     mean, std = _mean_std(vals)
     half = _t_quantile(confidence, n - 1) * std / math.sqrt(n)
-    return Summary(n, mean, std, mean - half, mean + half, tuple(vals), confidence)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Summary(n, mean, std, low, high, tuple(vals), confidence)
 
 
 @dataclass(frozen=True)
