@@ -7,17 +7,21 @@ and retried; ``--storage redis://...`` a journal on a Redis server. Every URL is
 work starts: an unreachable one is a one-line :class:`~msam.errors.UserError`. Passwords never
 reach a message (:func:`mask_url`).
 
-A journal whose last line was cut short (a writer killed mid-write, a full disk) reads fine in
-Optuna, but the next append would glue a new record onto the torn one and make the whole journal
-unreadable; :func:`repair_journal` moves a torn tail aside before anyone writes.
+A record cut short (a writer killed mid-append, a full disk) must not cost the journal: Optuna's
+file backend would glue the next record onto the torn one and then fail on that line for good.
+:class:`JournalFile` starts every append on a fresh line and reads past a damaged line (with one
+warning), recovering a complete record glued behind a torn one; :func:`repair_journal` also moves
+a torn tail aside when a sweep opens its journal.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
+import random
 import re
 import threading
 import time
@@ -33,6 +37,7 @@ __all__ = [
     "HEARTBEAT_GRACE_S",
     "HEARTBEAT_INTERVAL_S",
     "JOURNAL_FILE",
+    "JournalFile",  # noqa: F822 (made on first use: see __getattr__)
     "StorageRef",
     "heartbeat",
     "mask_url",
@@ -47,13 +52,20 @@ HEARTBEAT_INTERVAL_S = 20
 HEARTBEAT_GRACE_S = 120
 #: Seconds to wait for a database or Redis server before calling it unreachable.
 CONNECT_TIMEOUT_S = 10
+#: Tries to open a database whose Optuna schema other processes may be creating at the same time.
+SCHEMA_ATTEMPTS = 4
 
 _RDB_SCHEMES = ("postgresql", "postgres", "mysql", "sqlite")
 _REDIS_SCHEMES = ("redis", "rediss")
-# The password runs to the last "@": SQLAlchemy allows "/" and ":" in it, and hiding too much of a
-# malformed URL is better than showing part of a secret.
-_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][\w+.-]*://[^/:@]*:)(?P<password>.*)(?=@)")
-_QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#]*")  # libpq and redis-py accept this too
+# What follows the scheme up to the last "@" is the user and password: SQLAlchemy allows "/" and ":"
+# in a password, an unescaped "@" makes the URL malformed (libpq then takes the rest for the host
+# and prints it), and hiding too much of a malformed URL is better than showing part of a secret.
+_SCHEME = r"[A-Za-z][\w+.-]*://"
+_WHOLE_URL = re.compile(rf"^(?P<scheme>{_SCHEME})(?P<auth>.*)@", re.DOTALL)
+_URL_IN_TEXT = re.compile(rf"(?<![\w+.-])(?P<scheme>{_SCHEME})(?P<auth>[^\s'\"]*)@")
+_QUERY_PASSWORD = re.compile(r"(?<=[?&]password=)[^&#\s'\"]*")  # libpq and redis-py take it too
+#: Where a URL's parser splits a piece of a password that holds an "@".
+_URL_DELIMITERS = re.compile(r"[/:?#@]")
 
 
 class StorageRef:
@@ -75,9 +87,51 @@ class StorageRef:
         return f"StorageRef({self.kind!r}, {self.shown!r})"
 
 
-def mask_url(url: str) -> str:
-    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``."""
-    return _QUERY_PASSWORD.sub("***", _PASSWORD.sub(lambda m: m.group("head") + "***", url))
+def mask_url(text: str) -> str:
+    """``postgresql://user:secret@host/db`` -> ``postgresql://user:***@host/db``, for a URL or
+    for every URL in a message.
+
+    The secret is whatever follows the user's ``:`` up to the last ``@``; when the user part
+    itself holds an ``@`` (``postgresql://u@x:pw@host``, ``postgresql://p@ss@host``) it all is.
+    """
+
+    def hide(match: re.Match[str]) -> str:
+        return match.group("scheme") + _hide_auth(match.group("auth")) + "@"
+
+    text = _WHOLE_URL.sub(hide, text, count=1)
+    return _QUERY_PASSWORD.sub("***", _URL_IN_TEXT.sub(hide, text))
+
+
+def _hide_auth(auth: str) -> str:
+    user, colon, _ = auth.partition(":")
+    if "@" in user:
+        return "***"
+    return f"{user}:***" if colon else auth
+
+
+def _secret_of(url: str) -> str | None:
+    """The part of ``url`` that :func:`mask_url` hides (None when it hides nothing)."""
+    match = _WHOLE_URL.match(url)
+    if match is None:
+        return None
+    auth = match.group("auth")
+    user, colon, password = auth.partition(":")
+    if "@" in user:
+        return auth
+    return password if colon and password else None
+
+
+def _secret_pieces(secret: str) -> list[str]:
+    """What of a secret holding an ``@`` a parser may print as a host, database or port: the
+    part after each ``@`` and the pieces of it between URL delimiters (longest first)."""
+    pieces = set()
+    for at, char in enumerate(secret):
+        if char == "@":
+            rest = secret[at + 1 :]
+            pieces.add(rest)
+            pieces.update(_URL_DELIMITERS.split(rest))
+    pieces.discard("")
+    return sorted(pieces, key=len, reverse=True)
 
 
 def _scheme(text: str) -> str | None:
@@ -93,6 +147,7 @@ def resolve_storage(storage: str | None, out: Path) -> StorageRef:
     if scheme is None:
         return StorageRef("journal", str(Path(storage)))
     if scheme in _REDIS_SCHEMES:
+        _check_redis_db(storage)
         return StorageRef("redis", storage)
     if scheme in _RDB_SCHEMES:
         if scheme == "postgres":  # SQLAlchemy only knows the long name
@@ -106,6 +161,26 @@ def resolve_storage(storage: str | None, out: Path) -> StorageRef:
     )
 
 
+def _check_redis_db(url: str) -> None:
+    """redis-py reads ``redis://host/abc`` as database 0 without a word: refuse a database that
+    is not a number, so a sweep never writes into another database than the one named."""
+    from urllib.parse import parse_qs, urlsplit
+
+    scheme, _, rest = url.partition("://")
+    try:  # what follows the last "@": a password (which may hold "/") never reaches a message
+        parts = urlsplit(f"{scheme}://{rest.rpartition('@')[2]}")
+    except ValueError as exc:
+        raise UserError(f"--storage {mask_url(url)}: not a valid URL ({exc})") from None
+    given = [parts.path.strip("/")] if parts.path.strip("/") else []
+    given += parse_qs(parts.query).get("db", [])
+    for db in given:
+        if not db.isascii() or not db.isdigit():
+            raise UserError(
+                f"--storage {mask_url(url)}: the Redis database must be a number "
+                f"(got {db!r}); use e.g. redis://host:6379/0"
+            )
+
+
 def open_storage(ref: StorageRef, *, heartbeat_stale_trial_callback: Any = None) -> Any:
     """An Optuna storage for ``ref``, reachable now; otherwise a one-line UserError.
 
@@ -115,13 +190,12 @@ def open_storage(ref: StorageRef, *, heartbeat_stale_trial_callback: Any = None)
     import optuna
 
     if ref.kind == "journal":
-        from optuna.storages.journal import JournalFileBackend
-
         path = Path(ref.arg)
+        _check_journal_path(path)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             repair_journal(path)
-            backend = JournalFileBackend(str(path))
+            backend = _journal_file_class()(str(path))
         except OSError as exc:
             raise UserError(f"--storage {path}: cannot open the journal file ({exc})") from None
         return optuna.storages.JournalStorage(backend)
@@ -134,11 +208,172 @@ def open_storage(ref: StorageRef, *, heartbeat_stale_trial_callback: Any = None)
 _TAIL_BYTES = 1 << 20
 
 
-def _is_record(line: bytes) -> bool:
+#: Where a journal record starts: Optuna writes ``{"op_code":...`` first in every record.
+_RECORD_START = b'{"op_code"'
+_DECODER = json.JSONDecoder()
+
+
+def _records(line: bytes) -> tuple[list[dict[str, Any]], bool]:
+    """The complete journal records on one line, and whether the line is exactly one record.
+
+    A line is one record as Optuna writes it; a torn record gives none; a torn prefix followed
+    by a whole record (glued on by a writer that did not end the torn line) gives that record
+    back, and so does every record that lost its newline.
+    """
     try:
-        return isinstance(json.loads(line), dict)
+        record = json.loads(line)
     except ValueError:
-        return False
+        return _salvage(line), False
+    if isinstance(record, dict) and "op_code" in record:
+        return [record], True
+    return [], False
+
+
+def _salvage(line: bytes) -> list[dict[str, Any]]:
+    """Every whole record on a damaged line, tried from each place a record may start."""
+    text = line.decode("utf-8", errors="replace")
+    start = _RECORD_START.decode()
+    found: list[dict[str, Any]] = []
+    at = 0 if text.startswith("{") else text.find(start)
+    while at >= 0:
+        try:
+            record, end = _DECODER.raw_decode(text, at)
+        except ValueError:
+            at = text.find(start, at + 1)
+            continue
+        if isinstance(record, dict) and "op_code" in record:
+            found.append(record)
+            at = text.find(start, end)
+        else:
+            at = text.find(start, at + 1)
+    return found
+
+
+def _is_record(line: bytes) -> bool:
+    return bool(_records(line)[0])
+
+
+def __getattr__(name: str) -> Any:
+    # JournalFile subclasses an Optuna class: built on first use, so that importing this module
+    # (every ``msam`` command does) needs no optuna, as on the GPU image.
+    if name == "JournalFile":
+        return _journal_file_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: Damaged journal lines already warned about in this process: (journal path, byte offset).
+_WARNED: set[tuple[str, int]] = set()
+
+
+@functools.cache
+def _journal_file_class() -> type:
+    from optuna.storages.journal import JournalFileBackend
+
+    class JournalFile(JournalFileBackend):
+        """Optuna's journal file backend, safe against a torn record anywhere in the file.
+
+        ``append_logs`` (under the journal lock) first ends a line left unterminated by a writer
+        that died mid-append, so a torn record never swallows the next one. ``read_logs`` skips
+        a damaged line with one warning, keeps the complete records on it (:func:`_records`),
+        and leaves an unterminated last line, which a live writer may still be writing, for the
+        next read.
+
+        Optuna's ``JournalStorage`` counts the records it is given and asks for the next one by
+        that number, so a damaged line counts for nothing: record ``n`` is the ``n``-th complete
+        record from the file's start, whoever reads it and from wherever. A read resumes just
+        after the last line that gave a record, never after a damaged one, so cutting a torn
+        tail off (:func:`repair_journal`) moves nobody's place.
+        """
+
+        def __init__(self, file_path: str, lock_obj: Any = None) -> None:
+            super().__init__(file_path, lock_obj)
+            #: record number -> (offset of the line holding it, records before it on that line)
+            self._starts: dict[int, tuple[int, int]] = {0: (0, 0)}
+
+        def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
+            number = log_number_from  # Optuna asks for the record after the last one it read
+            if number not in self._starts:
+                number = max(n for n in self._starts if n <= log_number_from)
+            offset, skip = self._starts[number]
+            with open(self._file_path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size  # what is appended after this waits
+                fh.seek(offset)
+                while offset < size:
+                    line = fh.readline()
+                    end = offset + len(line)
+                    if not line.endswith(b"\n") or end > size:
+                        return  # still being written, or torn: the next read looks again
+                    records, whole = _records(line)
+                    if not whole:
+                        self._warn(offset, line, len(records))
+                    for index in range(skip, len(records)):
+                        last = index == len(records) - 1
+                        self._starts.setdefault(
+                            number + 1, (end, 0) if last else (offset, index + 1)
+                        )
+                        if number >= log_number_from:
+                            yield records[index]
+                        number += 1
+                    offset, skip = end, 0
+
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            data = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)
+            self._lock.acquire()
+            try:
+                with open(self._file_path, "a+b") as fh:
+                    head = b""
+                    if fh.seek(0, os.SEEK_END) > 0:
+                        fh.seek(-1, os.SEEK_END)
+                        if fh.read(1) != b"\n":  # a writer died mid-record: end its line
+                            head = b"\n"
+                    fh.write(head + data.encode("utf-8"))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            finally:
+                self._lock.release()
+
+        def _warn(self, offset: int, line: bytes, kept: int) -> None:
+            key = (os.path.realpath(self._file_path), offset)
+            if key in _WARNED or not line.strip():
+                return
+            _WARNED.add(key)  # once per damaged line and process, however many readers
+            what = (
+                f"recovered the {kept} complete record(s) glued onto it"
+                if kept
+                else "skipped it, every complete record is kept"
+            )
+            warnings.warn(
+                f"{self._file_path}: a torn record at byte {offset} (a writer stopped mid-write); "
+                + what,
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    JournalFile.__module__, JournalFile.__qualname__ = __name__, "JournalFile"  # for pickle
+    return JournalFile
+
+
+def _check_journal_path(path: Path) -> None:
+    """Refuse a journal path that is a folder or a file of something else: the tolerant reader
+    would skip its lines and the sweep would append records to it."""
+    if path.is_dir():
+        raise UserError(
+            f"--storage {path}: is a folder, not a journal file; name a file such as "
+            f"{path / JOURNAL_FILE}"
+        )
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_TAIL_BYTES)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise UserError(f"--storage {path}: cannot open the journal file ({exc})") from None
+    start = head.lstrip(b" \t\r\n\x00")
+    if start and _RECORD_START not in head and not _RECORD_START.startswith(start):
+        raise UserError(
+            f"--storage {path}: exists and is not an Optuna journal (no journal record in it); "
+            "name a new file or the sweep's optuna.journal"
+        )
 
 
 def repair_journal(path: Path) -> int:
@@ -229,12 +464,22 @@ def _open_rdb(ref: StorageRef, stale_callback: Any) -> Any:
             grace_period=HEARTBEAT_GRACE_S,
             heartbeat_stale_trial_callback=stale_callback,
         )
+    attempt = 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                _with_driver(ref.arg), engine_kwargs=engine_kwargs, **heartbeat_kwargs
-            )
+        while True:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        _with_driver(ref.arg), engine_kwargs=engine_kwargs, **heartbeat_kwargs
+                    )
+            except Exception as exc:
+                if attempt == SCHEMA_ATTEMPTS or not _lost_schema_race(exc):
+                    raise
+            # Another process is creating Optuna's tables in this fresh database at this very
+            # moment; once it has, opening finds them and creates nothing.
+            time.sleep(0.2 * attempt + random.random() * 0.2)
+            attempt += 1
     except ImportError as exc:
         raise UserError(
             f"--storage {ref.shown}: a database driver is missing ({_one_line(exc, ref)})"
@@ -243,6 +488,20 @@ def _open_rdb(ref: StorageRef, stale_callback: Any) -> Any:
         raise UserError(
             f"--storage {ref.shown}: cannot reach the database ({_one_line(exc, ref)})"
         ) from None
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    """Whether opening failed because another process created the same table, type or row of
+    Optuna's schema first (PostgreSQL: unique_violation, duplicate_table, duplicate_object)."""
+    from sqlalchemy.exc import DBAPIError, IntegrityError
+
+    if isinstance(exc, IntegrityError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)  # psycopg2 / 3
+    return code in ("23505", "42P07", "42710") or "already exists" in str(orig)
 
 
 def _with_driver(url: str) -> str:
@@ -261,11 +520,13 @@ def _with_driver(url: str) -> str:
 def _one_line(exc: BaseException, ref: StorageRef) -> str:
     """The first line of an error, without SQLAlchemy's background link and without passwords."""
     text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    password = _PASSWORD.match(ref.arg)
-    if password and password.group("password"):
-        line = line.replace(password.group("password"), "***")
-    return mask_url(" ".join(line.split()))
+    line = " ".join((text[0] if text else type(exc).__name__).split())
+    secret = _secret_of(ref.arg)
+    if secret:
+        line = line.replace(secret, "***")
+        for piece in _secret_pieces(secret):  # a whole word of the message, not a part of one
+            line = re.sub(rf"(?<![\w%.+-]){re.escape(piece)}(?![\w%.+-])", "***", line)
+    return mask_url(line)
 
 
 @contextlib.contextmanager

@@ -13,11 +13,11 @@ import optuna
 import yaml
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 
 from sweeps.finals import FlatnessSettings, run_finals
 from sweeps.run import SweepRun
 from sweeps.spec import parse_sweep_spec
+from sweeps.storage import JournalFile
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -70,7 +70,7 @@ FLATNESS = FlatnessSettings.from_spec(spec_of())
 
 
 def journal(run_dir: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(run_dir / "optuna.journal")))
+    return JournalStorage(JournalFile(str(run_dir / "optuna.journal")))
 
 
 def add_trials(storage, spec, optimizer: str, points, *, pruned: int = 1, failed: int = 1):
