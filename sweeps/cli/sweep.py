@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 
 from msam.errors import UserError
 from sweeps.cli._common import add_set_option, preflight
@@ -25,7 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     workers.add_argument("--gpus", metavar="0,1,...", help="one worker group per listed GPU")
     sweep.add_argument("--per-gpu", type=int, metavar="K", help="workers per GPU (with --gpus)")
     sweep.add_argument(
-        "--storage", metavar="URL", help="Optuna storage (default: <out>/optuna.journal)"
+        "--storage",
+        metavar="URL",
+        help=f"Optuna storage (default: ${STORAGE_ENV}, which keeps a password out of the process "
+        "list, else <out>/optuna.journal)",
     )
     sweep.add_argument("--stage", choices=STAGES, default="all", help="which stages to run")
     sweep.set_defaults(func=run_sweep)
@@ -69,7 +73,7 @@ def parse_gpus(text: str) -> tuple[int, ...]:
     return tuple(gpus)
 
 
-def _slots(args: argparse.Namespace):
+def _slots(args: argparse.Namespace, storage: str | None):
     """The worker slots ``--workers`` / ``--gpus --per-gpu`` ask for, checked."""
     from sweeps.run import plan_slots
 
@@ -80,23 +84,81 @@ def _slots(args: argparse.Namespace):
     if args.per_gpu is not None and args.per_gpu < 1:
         raise UserError(f"--per-gpu must be >= 1 (got {args.per_gpu})")
     gpus = parse_gpus(args.gpus) if args.gpus is not None else None
+    if gpus is not None:
+        _check_gpus(args.gpus, gpus)
     slots = plan_slots(args.workers, gpus, args.per_gpu)
     parallel = len(slots) > 1 or gpus is not None
-    if parallel and args.storage and args.storage.startswith("sqlite"):
+    if parallel and storage and storage.startswith("sqlite"):
         raise UserError(
             "--storage sqlite cannot take several writers ('database is locked'); "
             "use the default journal file or a postgresql:// URL"
         )
+    _warn_oversubscribed(len(slots), gpus)
     return slots
+
+
+def _check_gpus(text: str, gpus: tuple[int, ...]) -> None:
+    """``--gpus`` names CUDA devices this machine has (as ``CUDA_VISIBLE_DEVICES`` shows them)."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise UserError(
+            f"--gpus {text}: this machine has no CUDA GPU that torch can use; "
+            "use --workers N for CPU workers"
+        )
+    missing = [g for g in gpus if g >= count]
+    if missing:
+        raise UserError(
+            f"--gpus {text}: no GPU {', '.join(map(str, missing))} on this machine "
+            f"({count} CUDA GPU(s): 0-{count - 1})"
+        )
+
+
+def _cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _warn_oversubscribed(workers: int, gpus: tuple[int, ...] | None) -> None:
+    """One line when the workers' torch threads outnumber the CPU cores: every trial then runs
+    slower (and its timings mean less), yet the sweep is still correct, so it runs."""
+    from sweeps.engine.launch import worker_threads
+
+    threads = worker_threads() if workers > 1 or gpus is not None else 1
+    cores = _cpu_cores()
+    if workers * threads <= cores:
+        return
+    per = "" if threads == 1 else f" x {threads} threads"
+    fewer = "a smaller --per-gpu" if gpus is not None else f"--workers {max(1, cores // threads)}"
+    warnings.warn(
+        f"{workers} workers{per} on {cores} CPU core(s): they share the cores, so every trial "
+        f"runs slower and its timings mean less; {fewer} would finish about as soon",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _sweep_storage(args: argparse.Namespace) -> str | None:
+    """``--storage``, else ``$MSAM_STORAGE`` (said on one line, as the variable may be set for
+    another sweep), else None: the run folder's journal."""
+    if args.storage is not None:
+        return args.storage
+    return os.environ.get(STORAGE_ENV) or None
 
 
 def run_sweep(args: argparse.Namespace) -> int:
     from sweeps.engine import run_sweep as engine_run_sweep
     from sweeps.run import SweepRun
 
-    slots = _slots(args)
+    storage = _sweep_storage(args)
+    slots = _slots(args, storage)
     spec = _load_spec(args)
-    run = SweepRun.create(spec, args.out, args.storage, slots=slots, stage=args.stage)
+    run = SweepRun.create(spec, args.out, storage, slots=slots, stage=args.stage)
+    if args.storage is None and storage is not None:
+        print(f"storage from ${STORAGE_ENV}: {run.storage.shown} (--storage overrides it)")
     return engine_run_sweep(run)
 
 

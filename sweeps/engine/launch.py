@@ -30,7 +30,8 @@ __all__ = ["STORAGE_ENV", "WorkerPool", "worker_threads"]
 STOP_TIMEOUT_S = 60
 #: Environment variable giving a spawned worker its torch CPU thread count.
 THREADS_ENV = "MSAM_WORKER_THREADS"
-#: Environment variable giving ``msam worker`` its storage when ``--storage`` is absent.
+#: Environment variable giving ``msam sweep`` and ``msam worker`` their storage when
+#: ``--storage`` is absent (a password in it stays out of the process list).
 STORAGE_ENV = "MSAM_STORAGE"
 
 

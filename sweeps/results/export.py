@@ -13,6 +13,7 @@ holding the same config is left alone, one holding a different config is an erro
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from msam.errors import UserError
 from msam.files import atomic_write
 from sweeps import budget
 from sweeps.layout import RunFolder
-from sweeps.results.leaderboard import Leaderboard, Row, build_leaderboard
+from sweeps.results.leaderboard import Leaderboard, Row, build_leaderboard, text_line
 from sweeps.results.read import SweepResults, load_sweep, package_versions
 
 __all__ = ["export_tuned", "tuned_config", "tuned_path", "tuned_text", "write_tuned"]
@@ -31,11 +32,6 @@ __all__ = ["export_tuned", "tuned_config", "tuned_path", "tuned_text", "write_tu
 
 def tuned_path(run_dir: str | Path, name: str, optimizer: str) -> Path:
     return RunFolder(run_dir).tuned(name, optimizer)
-
-
-def _one_line(text: Any) -> str:
-    """Comment-safe: a value with a newline must not end the comment and start YAML."""
-    return " ".join(str(text).split())
 
 
 def tuned_config(results: SweepResults, row: Row) -> Any:
@@ -78,7 +74,9 @@ def tuned_text(results: SweepResults, row: Row, *, date: str | None = None) -> s
         f"date: {date}",
         f"run: msam train {results.name}-{row.optimizer}.yaml [--set train.seed=1]",
     ]
-    header = "".join(f"# {_one_line(line)}\n" for line in lines)
+    # Comment-safe: no line break (YAML's or Unicode's) may end a comment and start YAML, and no
+    # control character may make the file unloadable or recolour the terminal that shows it.
+    header = "".join(f"# {text_line(line)}\n" for line in lines)
     body = yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
     return header + body
 
@@ -138,9 +136,27 @@ def export_tuned(run_dir: str | Path, to: str | Path, *, force: bool = False) ->
             f"{', '.join(conflicts)} already exist(s) with a different config; remove or rename "
             "them first (nothing was exported)"
         )
-    to.mkdir(parents=True, exist_ok=True)
+    _check_writable(to)
     for src, dest, action in plan:
         if action != "unchanged":
-            atomic_write(dest, src.read_bytes())
+            try:
+                atomic_write(dest, src.read_bytes())
+            except OSError as exc:
+                dest.with_name(dest.name + ".tmp").unlink(missing_ok=True)
+                raise UserError(f"--to {to}: cannot write {dest.name} ({_reason(exc)})") from None
         print(f"{action}: {dest}", file=sys.stdout)
     return 0
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _check_writable(to: Path) -> None:
+    """Make ``to`` and refuse, before the first file, a folder no file can go into."""
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--to {to}: cannot write there ({_reason(exc)})") from None
+    if not os.access(to, os.W_OK | os.X_OK):  # a read-only mount refuses root as well
+        raise UserError(f"--to {to}: cannot write there (the folder is read-only)")

@@ -28,7 +28,15 @@ from sweeps.results.read import FinalRecord, SweepResults, json_safe, mean_of, p
 from sweeps.results.stats import PairedDiff, Summary, compare_optimizers, summarize
 from sweeps.studies import study_name
 
-__all__ = ["FLATNESS_KEYS", "PARAM_KEYS", "Leaderboard", "Row", "build_leaderboard"]
+__all__ = [
+    "FLATNESS_KEYS",
+    "PARAM_KEYS",
+    "Leaderboard",
+    "Row",
+    "build_leaderboard",
+    "markdown_text",
+    "text_line",
+]
 
 #: Flatness metrics shown, with their column titles (means over a configuration's seeds).
 FLATNESS_KEYS: dict[str, str] = {
@@ -235,11 +243,9 @@ class Leaderboard:
             lines += [f"- {d.verdict}" for d in self.comparisons]
         if self.notes:
             lines += ["", "## Notes", ""]
-            lines += [f"- {note}" for note in self.notes]
-        lines += [
-            "",
-            f"Generated {self.generated}" + (f" from {self.storage}" if self.storage else ""),
-        ]
+            lines += [f"- {markdown_text(note)}" for note in self.notes]
+        where = f" from {markdown_text(self.storage)}" if self.storage else ""
+        lines += ["", f"Generated {self.generated}{where}"]
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         lines += ["", f"Versions: {versions}", ""]
         return "\n".join(lines)
@@ -416,3 +422,29 @@ def _comparisons(results: SweepResults, confidence: float) -> tuple[list[PairedD
         return [], []
     values = {opt: [accs[s] for s in seeds] for opt, accs in by_seed.items()}
     return compare_optimizers(values, confidence=confidence), seeds
+
+
+def text_line(text: Any) -> str:
+    """``text`` (a storage path, a note) as one line of printable characters.
+
+    Whitespace runs, line breaks included (YAML's ``\\x85``, Unicode's line and paragraph
+    separators), become one space; any other control or format character (a terminal escape, a
+    bidi override) is written as its ``\\x1b``-style escape. So a folder name can neither end a
+    YAML comment, nor start a Markdown heading, nor recolour a terminal.
+    """
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        for char in " ".join(str(text).split())
+    )
+
+
+#: What turns text into HTML, a link or a code span in Markdown: entities for HTML's characters
+#: (they read the same in every renderer), a backslash for Markdown's.
+_MARKDOWN_ESCAPES = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", **{c: "\\" + c for c in "\\`[]|"}}
+)
+
+
+def markdown_text(text: Any) -> str:
+    """``text`` as inline Markdown that renders as exactly that text: no HTML, no link."""
+    return text_line(text).translate(_MARKDOWN_ESCAPES)

@@ -11,12 +11,14 @@ storage over in the environment instead of the command line, and ``mask_url``.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sweeps.cli import main
 from sweeps.engine import launch
@@ -90,10 +92,42 @@ def read_tree(folder: Path, when: str) -> dict[str, bytes]:
         ),
         ("postgresql://u@h:5432/db", "postgresql://u@h:5432/db"),
         ("runs/a:b@c/optuna.journal", "runs/a:b@c/optuna.journal"),
+        ("postgresql://u@x:pw@h/db", "postgresql://***@h/db"),  # where the user ends is unclear
+        ("postgresql://p@ss@h/db", "postgresql://***@h/db"),
+        ("postgresql://u:p w@h/db", "postgresql://u:***@h/db"),
+        # a URL inside a message
+        ("error at postgresql://u:p@ss@h/db: down", "error at postgresql://u:***@h/db: down"),
+        ('tried "redis://:a@b@h:6379/0" twice', 'tried "redis://:***@h:6379/0" twice'),
     ],
 )
 def test_mask_url(url, shown):
     assert mask_url(url) == shown
+
+
+def pieces_after_each_at(password: str) -> set[str]:
+    """What of a password holding "@" a URL parser may take for the host, database or port."""
+    pieces = set()
+    for at in [i for i, char in enumerate(password) if char == "@"]:
+        rest = password[at + 1 :]
+        pieces |= {rest, *re.split(r"[/:@]", rest)}
+    return pieces - {""}
+
+
+@pytest.mark.parametrize("password", ["p@ss", "pa@ss@wo", "p@s/s", "pa@55:w0rd"])
+def test_no_piece_of_a_password_with_an_at_reaches_a_message(
+    tmp_path, write_spec, password, capsys
+):
+    """libpq reads ``u:p@ss@host`` as password "p" and host "ss@host", and says it cannot
+    resolve "ss@host"; every piece of the password after each "@" stays hidden."""
+    url = f"postgresql://u:{password}@nohost.invalid/db"
+    assert main(["sweep", str(write_spec()), "--out", str(tmp_path / "run"), "--storage", url]) == 2
+    out, err = capsys.readouterr()
+    assert len(err.strip().splitlines()) == 1 and "cannot reach the database" in err, err
+    words = re.split(r"""[\s"'()]+""", out + err)  # a piece shows as a word, or before an "@"
+    for piece in pieces_after_each_at(password):
+        assert piece not in words and f"{piece}@" not in out + err, (piece, err)
+    assert password not in out + err
+    assert not (tmp_path / "run").exists()
 
 
 def test_launcher_hands_the_storage_over_in_the_environment(tmp_path, monkeypatch):
@@ -223,3 +257,70 @@ def test_no_secret_in_outputs_files_or_command_lines(
     for when in ("after msam sweep", "after msam leaderboard and msam worker"):
         for name in ("leaderboard.md", "leaderboard.json", "report.html", "tuned/tiny-msam.yaml"):
             assert masked.encode() in places[f"{name} ({when})"], (name, when)
+
+
+def test_sweep_storage_from_the_option_else_the_environment(
+    tmp_path, write_spec, monkeypatch, capsys, read_trials
+):
+    """``msam sweep`` takes ``$MSAM_STORAGE`` when ``--storage`` is absent, and says so (masked),
+    since the variable may have been set for another sweep."""
+    spec = str(write_spec(optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}}))
+    out = tmp_path / "run"
+    monkeypatch.setenv(STORAGE_ENV, f"postgresql://u:{PASSWORD}@127.0.0.1:1/from_env")
+    assert main(["sweep", spec, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"storage from ${STORAGE_ENV}: postgresql://u:***@127.0.0.1:1/from_env" in captured.out
+    assert "postgresql://u:***@127.0.0.1:1/from_env" in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+    assert not leaks((captured.out + captured.err).encode()) and not out.exists()
+
+    elsewhere = tmp_path / "shared" / "optuna.journal"
+    monkeypatch.setenv(STORAGE_ENV, str(elsewhere))
+    assert main(["sweep", spec, "--out", str(out), "--stage", "tune"]) == 0
+    assert f"storage from ${STORAGE_ENV}: {elsewhere}" in capsys.readouterr().out
+    assert not (out / "optuna.journal").exists()
+    assert len(read_trials(elsewhere, "tiny", ["sgd"])["sgd"]) == 1
+
+    # --storage wins, and then nothing is said about the variable
+    given = f"postgresql://u:{PASSWORD}@127.0.0.1:1/given"
+    assert main(["sweep", spec, "--out", str(tmp_path / "other"), "--storage", given]) == 2
+    captured = capsys.readouterr()
+    assert "postgresql://u:***@127.0.0.1:1/given" in captured.err
+    assert STORAGE_ENV not in captured.out + captured.err
+
+
+#: A journal folder a user could create: HTML, a newline that starts a Markdown heading and a
+#: YAML key, a terminal escape sequence and Unicode line and paragraph separators.
+HOSTILE_DIR = "<script>alert(1)</script>\n# injected: true\n\x1b[31mred\u2028x\u2029y\x85z"
+
+
+def test_a_hostile_storage_path_stays_text_in_the_leaderboard_and_tuned_files(tmp_path):
+    from helpers.finals import NAME, make_sweep
+
+    from msam.config import parse_train_config
+
+    elsewhere = tmp_path / HOSTILE_DIR
+    make_sweep(elsewhere)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.yaml").write_bytes((elsewhere / "spec.yaml").read_bytes())
+    journal = elsewhere / "optuna.journal"
+    assert main(["leaderboard", str(run_dir), "--storage", str(journal)]) == 0
+
+    board = (run_dir / "leaderboard.md").read_text(encoding="utf-8")
+    assert "<script>" not in board and "&lt;script&gt;alert(1)&lt;/script&gt;" in board
+    assert not [line for line in board.splitlines() if "injected" in line and line[0] == "#"]
+    for char in "\x1b\u2028\u2029\x85":
+        assert char not in board
+    tuned = sorted((run_dir / "tuned").glob("*.yaml"))
+    assert tuned
+    for path in tuned:
+        text = path.read_text(encoding="utf-8")
+        header = text[: text.index("\nname:")]
+        assert "storage: " in header and "alert(1)" in header
+        assert all(line.startswith("# ") for line in header.splitlines()), header
+        assert not any(char in text for char in "\x1b\u2028\u2029\x85")
+        raw = yaml.safe_load(text)  # loads (YAML refuses control characters) to the config only
+        assert "injected" not in raw
+        parse_train_config(raw)
+    assert NAME in board
