@@ -127,15 +127,14 @@ def _warn_oversubscribed(workers: int, gpus: tuple[int, ...] | None) -> None:
     slower (and its timings mean less), yet the sweep is still correct, so it runs."""
     from sweeps.engine.launch import worker_threads
 
-    threads = worker_threads() if workers > 1 or gpus is not None else 1
-    cores = _cpu_cores()
+    threads, cores = worker_threads(), _cpu_cores()
     if workers * threads <= cores:
         return
-    per = "" if threads == 1 else f" x {threads} threads"
-    fewer = "a smaller --per-gpu" if gpus is not None else f"--workers {max(1, cores // threads)}"
+    what = f"{workers} worker(s)" + ("" if threads == 1 else f" x {threads} torch threads")
+    fewer = "a smaller --per-gpu" if gpus is not None else "fewer workers"
     warnings.warn(
-        f"{workers} workers{per} on {cores} CPU core(s): they share the cores, so every trial "
-        f"runs slower and its timings mean less; {fewer} would finish about as soon",
+        f"{what} on {cores} CPU core(s): they share the cores, so every trial runs slower and "
+        f"its timings mean less; {fewer} would finish about as soon",
         RuntimeWarning,
         stacklevel=2,
     )

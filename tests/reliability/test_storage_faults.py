@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import uuid
@@ -185,26 +184,43 @@ def test_gpus_beyond_the_machines_are_refused(tmp_path, write_spec, capsys, monk
     assert not out.exists()
 
 
-def test_more_workers_than_cores_warns_and_still_runs(
+def cpu_warnings(recwarn) -> list[str]:
+    return [str(w.message) for w in recwarn if "CPU core" in str(w.message)]
+
+
+def test_far_more_workers_than_cores_warn(tmp_path, write_spec, monkeypatch, recwarn):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a two-core machine
+    monkeypatch.setenv("MSAM_WORKER_THREADS", "1")
+    spec = str(write_spec())
+    # Nobody listens on port 1: the sweep stops when it opens the storage, after the checks.
+    url = "postgresql://u@127.0.0.1:1/db"
+    warned = (
+        "64 worker(s) on 2 CPU core(s): they share the cores, so every trial runs slower and "
+        "its timings mean less; fewer workers would finish about as soon"
+    )
+    for workers, expected in (("2", []), ("64", [warned])):
+        recwarn.clear()
+        args = ["--out", str(tmp_path / "r"), "--workers", workers, "--storage", url]
+        assert main(["sweep", spec, *args]) == 2
+        assert cpu_warnings(recwarn) == expected, workers
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_sweep_with_more_threads_than_cores_warns_and_still_runs(
     tmp_path, write_spec, read_trials, monkeypatch, recwarn
 ):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # a one-core machine
-    spec = write_spec(optimizers=["sgd"], budget={"trials": 2}, base={"train": {"epochs": 1}})
+    monkeypatch.setenv("MSAM_WORKER_THREADS", "2")
+    spec = write_spec(optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}})
     out = tmp_path / "run"
-    assert main(["sweep", str(spec), "--out", str(out), "--workers", "2", "--stage", "tune"]) == 0
-    warned = [str(w.message) for w in recwarn if "CPU core" in str(w.message)]
-    assert warned == [
-        "2 workers on 1 CPU core(s): they share the cores, so every trial runs slower and its "
-        "timings mean less; --workers 1 would finish about as soon"
+    try:
+        assert main(["sweep", str(spec), "--out", str(out), "--stage", "tune"]) == 0
+    finally:
+        import torch
+
+        torch.set_num_threads(1)  # the sweep set two for this process
+    assert cpu_warnings(recwarn) == [
+        "1 worker(s) x 2 torch threads on 1 CPU core(s): they share the cores, so every trial "
+        "runs slower and its timings mean less; fewer workers would finish about as soon"
     ]
-    check_exact(read_trials(out / "optuna.journal", "tiny", ["sgd"]), 2)
-
-
-def test_workers_within_the_cores_do_not_warn(tmp_path, write_spec, monkeypatch, recwarn):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
-    # a storage nobody listens on: the check runs, the sweep stops at opening the storage
-    url = "postgresql://u@127.0.0.1:1/db"
-    spec = str(write_spec())
-    assert main(["sweep", spec, "--out", str(tmp_path / "r"), "--workers", "8", "--storage", url])
-    assert not [w for w in recwarn if "CPU core" in str(w.message)]
-    shutil.rmtree(tmp_path / "r", ignore_errors=True)
+    check_exact(read_trials(out / "optuna.journal", "tiny", ["sgd"]), 1)
