@@ -22,7 +22,7 @@ import yaml
 
 from msam.config import first_difference
 from msam.errors import UserError
-from msam.files import atomic_write, write_json
+from msam.files import atomic_write, read_json, write_json
 from sweeps.engine.folder_lock import launcher_lock
 from sweeps.engine.launch import WorkerPool, worker_threads
 from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
@@ -97,6 +97,31 @@ def check_same_sweep(spec: SweepSpec, folder: RunFolder) -> None:
     )
 
 
+def check_same_storage(run: SweepRun) -> None:
+    """Refuse (exit 2) a launcher naming another storage than the one the run folder's studies
+    live in (``storage.json``): with ``MSAM_STORAGE`` set for another sweep, or a forgotten
+    ``--storage``, a rerun would start its studies afresh elsewhere instead of resuming."""
+    recorded = read_json(run.folder.storage_record)
+    if not recorded or "kind" not in recorded:
+        return
+    own_journal = run.folder.journal.resolve()
+
+    def where(kind: str, shown: str) -> str:
+        if kind != "journal":
+            return shown
+        path = Path(shown).resolve()
+        return "the run folder's journal" if path == own_journal else str(path)
+
+    before = where(str(recorded["kind"]), str(recorded.get("shown", "")))
+    now = where(run.storage.kind, run.storage.shown)
+    moved = recorded["kind"] == "journal" and now == "the run folder's journal"  # copied folder
+    if before != now and not moved:
+        raise UserError(
+            f"{run.out}: this sweep's studies live in {before}, but this command names {now}; "
+            "pass the same --storage (or unset MSAM_STORAGE) to resume it, or choose another --out"
+        )
+
+
 def check_same_studies(run: SweepRun, storage: Any) -> None:
     """Refuse (exit 2, nothing touched) a launcher or worker whose spec differs, beyond
     :data:`RERUN_MAY_CHANGE`, from the spec that created the sweep's studies in ``storage``:
@@ -135,6 +160,7 @@ def _open(run: SweepRun) -> Any:
 def run_sweep(run: SweepRun) -> int:
     """``msam sweep``: open (and check) the storage, hold the run folder (one launcher at a
     time; ``msam worker`` may still join), then run the requested stages in order."""
+    check_same_storage(run)
     storage = _open(run)
     with launcher_lock(run.folder):
         return _run_stages(run, storage)

@@ -104,3 +104,21 @@ def test_summarize_cuts_the_interval_to_the_bounds():
     assert wide.ci_high > 1.0 and wide.ci_low < 0.0  # what a 2-seed t-interval gives
     cut = summarize([0.99, 0.40], bounds=(0.0, 1.0))
     assert (cut.ci_low, cut.ci_high) == (0.0, 1.0) and cut.mean == wide.mean
+
+
+def test_a_rerun_naming_another_storage_exits_2(tmp_path, write_spec, msam_cli, pg_url):
+    """With MSAM_STORAGE set for another sweep (or --storage forgotten), a rerun would start the
+    studies afresh elsewhere; it exits 2 naming both, and a rerun with the same storage resumes."""
+    spec = write_spec(optimizers=["sgd"], budget={"trials": 1}, base={"train": {"epochs": 1}})
+    out = tmp_path / "run"
+    assert msam_cli("sweep", spec, "--out", out, "--stage", "tune").returncode == 0
+    files = snapshot(out)
+    other = msam_cli("sweep", spec, "--out", out, "--stage", "tune", "--storage", pg_url)
+    assert other.returncode == 2
+    line = _one_line(other.stderr)
+    assert "the run folder's journal" in line and "postgresql://" in line
+    assert snapshot(out) == files
+    moved = tmp_path / "moved"
+    out.rename(moved)  # a copied or moved folder keeps using its own journal
+    again = msam_cli("sweep", spec, "--out", moved, "--stage", "tune", "--set", "budget.trials=2")
+    assert again.returncode == 0, again.stderr
