@@ -15,6 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from msam.config import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_FILE_NAME,
     OPTIMIZERS,
     Bool,
     DataConfig,
@@ -24,6 +27,7 @@ from msam.config import (
     OptimConfig,
     OptimName,
     Section,
+    Seed,
     TrackingConfig,
     TrainConfig,
     TrainSection,
@@ -33,8 +37,11 @@ from msam.config import (
     parse_train_config,
     user_error_from_validation,
 )
+from msam.optim import grad_evals_per_update
+from sweeps.layout import RunFolder
 
 __all__ = [
+    "MAX_NAME_LENGTH",
     "Budget",
     "FinalStage",
     "Flatness",
@@ -46,6 +53,24 @@ __all__ = [
     "load_sweep_spec",
     "parse_sweep_spec",
 ]
+
+#: Most trials per optimizer and final runs per configuration: far beyond any sweep's budget.
+MAX_TRIALS = 10_000
+MAX_FINAL_SEEDS = 1_000
+MAX_TOP_K = 100
+
+
+def _longest_name() -> int:
+    """The longest sweep name whose every derived file fits in :data:`MAX_FILE_NAME` bytes: the
+    longest is ``tuned/<name>-<optimizer>.yaml``, written through ``<file>.tmp``
+    (``msam.files.atomic_write``)."""
+    folder = RunFolder(Path())
+    suffix = max(len(folder.tuned("", optimizer).name) for optimizer in OPTIMIZERS)
+    return MAX_FILE_NAME - suffix - len(".tmp")
+
+
+#: Longest sweep name (241 characters with the optimizers msam has).
+MAX_NAME_LENGTH = _longest_name()
 
 # Which optimizers each searched hyperparameter applies to.
 SEARCHED_BY: dict[str, tuple[str, ...]] = {
@@ -157,12 +182,17 @@ class SearchSpace(Section):
 
 
 class Budget(Section):
-    trials: Int = Field(30, ge=1, description="trials per optimizer (equal budgets)")
+    trials: Int = Field(
+        30,
+        ge=1,
+        le=MAX_TRIALS,
+        description=f"trials per optimizer (equal budgets, <= {MAX_TRIALS})",
+    )
     sampler: Literal["tpe", "gp", "random", "grid"] = Field("tpe", description="Optuna sampler")
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Optuna pruner stopping weak trials early; none = run all to the end"
     )
-    seed: Int = Field(0, description="sampler seed (worker k uses seed + k)")
+    seed: Seed = Field(0, description="sampler seed (worker k uses seed + k; < 2**31)")
     match: Literal["epochs", "grad_evals"] = Field(
         "epochs",
         description="what equal budgets mean: equal epochs, or equal gradient evaluations "
@@ -179,22 +209,48 @@ class Flatness(Section):
     """How hard the final stage looks at each final model's curvature (``msam.flatness``)."""
 
     images: Int = Field(
-        512, ge=0, description="fixed, unaugmented training images measured (0 = no flatness)"
+        512,
+        ge=0,
+        le=1_000_000,
+        description="fixed, unaugmented training images measured (0 = no flatness; <= 1 million)",
     )
     batch_size: Int = Field(
-        256, ge=1, description="images per Hessian-vector-product batch (memory, not the result)"
+        256,
+        ge=1,
+        le=MAX_BATCH,
+        description="images per Hessian-vector-product batch (memory, not the result)",
     )
     iters: Int = Field(
-        20, ge=1, description="power-iteration steps (Hessian-vector products), top eigenvalue"
+        20,
+        ge=1,
+        le=10_000,
+        description="power-iteration steps (Hessian-vector products), top eigenvalue (<= 10000)",
     )
-    samples: Int = Field(10, ge=1, description="Rademacher probes of Hutchinson's trace estimate")
-    seed: Int = Field(0, ge=0, description="picks the images and probes; the same for every run")
+    samples: Int = Field(
+        10, ge=1, le=10_000, description="Rademacher probes of Hutchinson's trace (<= 10000)"
+    )
+    seed: Seed = Field(0, description="picks the images and probes; the same for every run")
 
 
 class FinalStage(Section):
-    top_k: Int = Field(1, ge=1, description="best configurations per optimizer re-run on test")
-    seeds: Int = Field(3, ge=0, description="seeds per configuration (0 skips the final stage)")
-    epochs: Int | None = Field(None, ge=1, description="epochs of final runs; null = base's")
+    top_k: Int = Field(
+        1,
+        ge=1,
+        le=MAX_TOP_K,
+        description=f"best configurations per optimizer re-run on test (<= {MAX_TOP_K})",
+    )
+    seeds: Int = Field(
+        3,
+        ge=0,
+        le=MAX_FINAL_SEEDS,
+        description=f"seeds per configuration (0 skips the final stage; <= {MAX_FINAL_SEEDS})",
+    )
+    epochs: Int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description=f"epochs of final runs; null = base's (<= {MAX_EPOCHS})",
+    )
     flatness: Flatness = Field(
         default_factory=Flatness, description="flatness measured on every final model"
     )
@@ -215,7 +271,7 @@ class SweepSpec(Section):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        return check_run_name(value)
+        return check_run_name(value, MAX_NAME_LENGTH)
 
     @field_validator("optimizers")
     @classmethod
@@ -243,6 +299,7 @@ class SweepSpec(Section):
                             f"budget.sampler=grid needs search.{key} as {{choices: [...]}}, "
                             f"not a range"
                         )
+        self._check_epochs()
         for optimizer in self.optimizers:  # every optimizer's trial config must validate
             raw = self._raw_train_config(optimizer, self._edge_params(optimizer))
             try:
@@ -252,6 +309,28 @@ class SweepSpec(Section):
                     str(user_error_from_validation(exc, TrainConfig, f"base (as {optimizer})"))
                 ) from None
         return self
+
+    def _check_epochs(self) -> None:
+        """Finals and trials that ``sweeps.budget.epochs`` derives stay valid train configs: no
+        more warm-up than epochs, and no more than MAX_EPOCHS once ``budget.match: grad_evals``
+        gives the cheaper optimizers more epochs."""
+        warmup, final = self.base.train.warmup_epochs, self.final.epochs
+        if final is not None and final < warmup:
+            raise ValueError(
+                f"final.epochs {final} is less than base.train.warmup_epochs {warmup}: final "
+                "runs would never reach the peak learning rate"
+            )
+        if self.budget.match != "grad_evals":
+            return
+        costs = {o: grad_evals_per_update(o, 0.0 if o == "sgd" else 1.0) for o in self.optimizers}
+        cheapest = min(costs, key=costs.__getitem__)
+        for key, value in (("base.train.epochs", self.base.train.epochs), ("final.epochs", final)):
+            longest = (value or 0) * max(costs.values()) // costs[cheapest]
+            if longest > MAX_EPOCHS:
+                raise ValueError(
+                    f"budget.match=grad_evals trains {cheapest} {longest} epochs for {key} "
+                    f"{value}, more than the {MAX_EPOCHS} a run may train"
+                )
 
     def _edge_params(self, optimizer: str) -> dict[str, Any]:
         return {

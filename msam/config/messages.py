@@ -1,6 +1,8 @@
 """One-line messages for the errors a user causes in a config: pydantic's multi-line validation
 report and PyYAML's parse errors become a single :class:`msam.errors.UserError` line that names
-the key, the value and, for typos, the closest valid name.
+the key, the value and, for typos, the closest valid name. A line is at most
+:data:`MAX_MESSAGE` characters, whatever the config holds (a key of a megabyte, a value that
+expands to millions of items).
 
 Works on any pydantic model (the train config here, the sweep spec in ``sweeps.spec``).
 """
@@ -20,6 +22,8 @@ from pydantic import BaseModel, ValidationError
 from msam.errors import UserError
 
 __all__ = [
+    "MAX_MESSAGE",
+    "bounded",
     "did_you_mean",
     "kind_of",
     "one_line",
@@ -27,6 +31,10 @@ __all__ = [
     "user_error_from_validation",
     "yaml_error_message",
 ]
+
+
+#: Longest error message (characters): a terminal line or two, never a screenful.
+MAX_MESSAGE = 500
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
@@ -38,6 +46,12 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def one_line(text: str) -> str:
     """Whitespace (newlines included) collapsed: a message must stay one line."""
     return " ".join(text.split())
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE) -> str:
+    """``text`` as one line of at most ``limit`` characters, cut with "…" where longer."""
+    line = one_line(text)
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def kind_of(value: Any) -> str:
@@ -58,7 +72,9 @@ def show(value: Any) -> str:
 def _loc_path(loc: Sequence[str | int]) -> str:
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if not isinstance(part, int):
+            part = bounded(str(part), 60)  # an unknown key may be any length
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else part)
     return path
 
 
@@ -132,15 +148,14 @@ def user_error_from_validation(
 ) -> UserError:
     """Turn pydantic's multi-line report into one line: the first problem, plus a count."""
     errors = exc.errors(include_url=False)
-    message = f"{source}: {_describe(errors[0], model)}"
-    if len(errors) > 1:
-        message += f" (+{len(errors) - 1} more)"
-    return UserError(one_line(message))
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    message = bounded(f"{source}: {_describe(errors[0], model)}", MAX_MESSAGE - len(more))
+    return UserError(message + more)
 
 
-def yaml_error_message(path: Path, exc: yaml.YAMLError) -> str:
+def yaml_error_message(path: Path, exc: yaml.YAMLError, *, what: str = "invalid YAML") -> str:
     """``file:line:column: invalid YAML: <problem>``, from PyYAML's marks where it has them."""
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
     where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    return f"{where}: invalid YAML: {one_line(str(problem))}"
+    return bounded(f"{where}: {what}: {problem}")

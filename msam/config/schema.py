@@ -3,7 +3,11 @@
 One pydantic model per YAML section, every one closed (``extra="forbid"``) so a typo is an error,
 not a silently ignored key. Each hyperparameter's description gives its unit and meaning. The
 resolved config is one plain dict (``TrainConfig.to_dict()``), logged as is. The small value types
-(``Int``, ``Float``, ``AutoBool``, ...) are shared with the sweep spec in ``sweeps.spec``.
+(``Int``, ``Float``, ``Seed``, ``AutoBool``, ...) are shared with the sweep spec in ``sweeps.spec``.
+
+Sizes are bounded generously (:data:`MAX_EPOCHS`, :data:`MAX_BATCH`, ...): far beyond any real
+run, but a typo such as ``epochs: 100000`` or a 4 TB synthetic data set is refused before it runs
+for weeks or takes the machine's memory.
 """
 
 from __future__ import annotations
@@ -13,12 +17,14 @@ import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     Strict,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -27,7 +33,11 @@ from msam.config.messages import show
 
 __all__ = [
     "DATASETS",
+    "MAX_BATCH",
+    "MAX_EPOCHS",
+    "MAX_FILE_NAME",
     "OPTIMIZERS",
+    "SEED_LIMIT",
     "AmpMode",
     "AutoBool",
     "Bool",
@@ -39,6 +49,7 @@ __all__ = [
     "OptimConfig",
     "OptimName",
     "Section",
+    "Seed",
     "SyntheticConfig",
     "TrackingConfig",
     "TrainConfig",
@@ -54,8 +65,25 @@ OptimName = Literal["sgd", "sam", "msam"]
 DATASETS: tuple[str, ...] = typing.get_args(DatasetName)
 OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimName)
 
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+#: Most epochs a run may train: a typo of a few zeros must not run for months.
+MAX_EPOCHS = 10_000
+#: Largest mini-batch (images), evaluation batch and micro-batch count.
+MAX_BATCH = 65_536
+#: Seeds are below 2**31: numpy and torch take seeds in [0, 2**32), and a sweep adds each worker's
+#: index (and the final stage a seed's number) to the seeds it is given.
+SEED_LIMIT = 2**31
+#: Longest file name (bytes) on Linux, macOS and Windows file systems; run names become file names.
+MAX_FILE_NAME = 255
+#: Most memory the synthetic data set's arrays may take (bytes).
+_MAX_SYNTHETIC_BYTES = 4 << 30
+#: Characters W&B refuses in a project name (and that no entity, a path segment of every W&B
+#: URL, holds), and its longest project name and tag.
+_WANDB_FORBIDDEN = "/\\#?%:"
+_WANDB_MAX_PROJECT = 128
+_WANDB_MAX_TAG = 64
 
 
 # ----------------------------------------------------------------------------- small value types
@@ -88,20 +116,39 @@ def _number_not_bool(value: Any) -> Any:
 # floats stay lax so that `lr: 1e-3` (a string to YAML 1.1) still reads as a number, but finite:
 # `rho: .inf` would pass `ge=0` and only show as a diverged run.
 Int = Annotated[int, Strict()]
+Seed = Annotated[int, Strict(), Field(ge=0, lt=SEED_LIMIT)]
 Bool = Annotated[bool, Strict()]
 Float = Annotated[float, BeforeValidator(_number_not_bool), AllowInfNan(False)]
 AutoBool = Annotated[Literal["auto"] | bool, BeforeValidator(_auto_or_bool)]
 AmpMode = Annotated[Literal["auto", "bf16", "fp16", "none"], BeforeValidator(_amp_mode)]
 
 
-def check_run_name(value: str) -> str:
-    """Names become folders, W&B groups and Optuna study names (``<name>/<optimizer>``): no '/'."""
-    if not _NAME_PATTERN.match(value):
+def check_run_name(value: str, max_length: int = MAX_FILE_NAME) -> str:
+    """Names become folders, W&B groups and Optuna study names (``<name>/<optimizer>``): no '/';
+    and file names, so at most ``max_length`` characters (ASCII: one byte each), which a sweep
+    lowers by the longest suffix it adds (``tuned/<name>-msam.yaml.tmp``)."""
+    if not _NAME_PATTERN.fullmatch(value):
         raise ValueError(
             f"use letters, digits, '.', '_' and '-', starting with a letter or digit "
             f"(got {show(value)})"
         )
+    if len(value) > max_length:
+        raise ValueError(
+            f"at most {max_length} characters, so that every file named after it fits in "
+            f"{MAX_FILE_NAME} bytes (got {len(value)})"
+        )
     return value
+
+
+def _wandb_tag(value: str) -> str:
+    if not 1 <= len(value) <= _WANDB_MAX_TAG:
+        raise ValueError(
+            f"W&B tags are 1 to {_WANDB_MAX_TAG} characters (got {len(value)}: {show(value)})"
+        )
+    return value
+
+
+WandbTag = Annotated[str, AfterValidator(_wandb_tag)]
 
 
 class Section(BaseModel):
@@ -117,13 +164,31 @@ class SyntheticConfig(Section):
     """Random but learnable images (a smooth mean image per class plus noise): a data set that
     needs no files, for benchmarks and tests. Defaults match ``msam.data.SYNTHETIC_DEFAULTS``."""
 
-    num_classes: Int = Field(10, ge=2, description="number of label classes")
-    in_chans: Int = Field(3, ge=1, description="image channels (1 grey, 3 RGB)")
-    img_size: Int = Field(32, ge=1, description="image height = width (pixels)")
-    num_train: Int = Field(10_000, ge=1, description="training images, before the validation split")
-    num_test: Int = Field(2_000, ge=1, description="test images")
+    num_classes: Int = Field(10, ge=2, le=100_000, description="number of label classes")
+    in_chans: Int = Field(3, ge=1, le=64, description="image channels (1 grey, 3 RGB; <= 64)")
+    img_size: Int = Field(32, ge=1, le=1024, description="image height = width (pixels, <= 1024)")
+    num_train: Int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="training images, before the validation split (<= 10 million)",
+    )
+    num_test: Int = Field(2_000, ge=1, le=10_000_000, description="test images (<= 10 million)")
     noise: Float = Field(48.0, ge=0.0, description="std of per-pixel Gaussian noise (uint8 units)")
-    seed: Int = Field(0, ge=0, description="seed of the class means and samples (not train.seed)")
+    seed: Seed = Field(0, description="seed of the class means and samples (not train.seed)")
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticConfig:
+        # uint8 images, and a float32 mean image per class (torch builds them all at once)
+        pixels = self.in_chans * self.img_size**2
+        size = (self.num_train + self.num_test + 4 * self.num_classes) * pixels
+        if size > _MAX_SYNTHETIC_BYTES:
+            raise ValueError(
+                f"{self.num_train + self.num_test} images of {self.in_chans}x{self.img_size}x"
+                f"{self.img_size} (and {self.num_classes} class means) take "
+                f"{size / (1 << 30):.1f} GiB; at most {_MAX_SYNTHETIC_BYTES >> 30} GiB"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -132,7 +197,10 @@ class DataConfig(Section):
         "imagefolder | synthetic"
     )
     root: str | None = Field(
-        None, description="folder holding the data set's files; null = the data set's default place"
+        None,
+        min_length=1,
+        max_length=4096,
+        description="folder holding the data set's files; null = the data set's default place",
     )
     val_fraction: Float = Field(
         0.1,
@@ -146,11 +214,14 @@ class DataConfig(Section):
     augment: AutoBool = Field(
         "auto", description="train-time augmentation; auto = the data set's usual (flip/crop)"
     )
-    split_seed: Int = Field(
+    split_seed: Seed = Field(
         0, description="seed of the train/validation split and subset, kept apart from train.seed"
     )
     img_size: Int | None = Field(
-        None, ge=1, description="imagefolder only: resize images to this many pixels per side"
+        None,
+        ge=1,
+        le=4096,
+        description="imagefolder only: resize images to this many pixels per side (<= 4096)",
     )
     synthetic: SyntheticConfig | None = Field(
         None, description="shape of the synthetic data set (only with dataset: synthetic)"
@@ -176,7 +247,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    name: str = Field("resnet18", min_length=1, description="timm model name (never pretrained)")
+    name: str = Field(
+        "resnet18", min_length=1, max_length=200, description="timm model name (never pretrained)"
+    )
     small_input: AutoBool = Field(
         "auto",
         description="adapt the stem to small images (3x3 stride-1 ResNet stem, small ViT patches); "
@@ -195,6 +268,7 @@ class OptimConfig(Section):
     base: str = Field(
         "sgd",
         min_length=1,
+        max_length=100,
         description="timm optimizer stepping with the (m)SAM gradient (sgd, momentum, adamw, ...)",
     )
     lr: Float = Field(0.1, gt=0.0, description="peak learning rate (per update, after warm-up)")
@@ -208,12 +282,16 @@ class OptimConfig(Section):
     micro_batches: Int = Field(
         1,
         ge=1,
+        le=MAX_BATCH,
         description="mSAM micro-batches per mini-batch, each with its own ascent step "
         "(1 = SAM; must divide train.batch_size)",
     )
     adaptive: Bool = Field(False, description="ASAM scaling of the ascent step by |w|")
     strategy: str = Field(
-        "auto", min_length=1, description="how the m perturbed passes run; auto = fastest exact one"
+        "auto",
+        min_length=1,
+        max_length=100,
+        description="how the m perturbed passes run; auto = fastest exact one",
     )
 
     @model_validator(mode="after")
@@ -227,15 +305,24 @@ class OptimConfig(Section):
 
 
 class TrainSection(Section):
-    epochs: Int = Field(10, ge=1, description="passes over the training set")
-    batch_size: Int = Field(128, ge=1, description="images per update (the mini-batch B)")
+    epochs: Int = Field(
+        10, ge=1, le=MAX_EPOCHS, description=f"passes over the training set (<= {MAX_EPOCHS})"
+    )
+    batch_size: Int = Field(
+        128, ge=1, le=MAX_BATCH, description=f"images per update (the mini-batch B, <= {MAX_BATCH})"
+    )
     eval_batch_size: Int | None = Field(
-        None, ge=1, description="images per evaluation batch; null = 2 x train.batch_size"
+        None,
+        ge=1,
+        le=MAX_BATCH,
+        description="images per evaluation batch; null = 2 x train.batch_size",
     )
     schedule: Literal["cosine", "step", "none"] = Field(
         "cosine", description="learning-rate schedule after warm-up"
     )
-    warmup_epochs: Int = Field(0, ge=0, description="epochs of linear learning-rate warm-up")
+    warmup_epochs: Int = Field(
+        0, ge=0, description="epochs of linear learning-rate warm-up (at most train.epochs)"
+    )
     label_smoothing: Float = Field(
         0.0, ge=0.0, lt=1.0, description="probability mass spread over all classes in the loss"
     )
@@ -245,13 +332,24 @@ class TrainSection(Section):
     amp: AmpMode = Field(
         "auto", description="mixed precision: auto (bf16 on capable GPUs) | bf16 | fp16 | none"
     )
-    seed: Int = Field(0, description="seed of weights, batch order and augmentation")
+    seed: Seed = Field(0, description="seed of weights, batch order and augmentation (< 2**31)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     compile: Bool = Field(False, description="torch.compile the model")
     channels_last: AutoBool = Field(
         "auto", description="channels-last memory format; auto = on CUDA for conv nets"
     )
     checkpoint: Bool = Field(True, description="save a checkpoint each epoch so --resume works")
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_run(cls, value: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")  # absent when epochs itself is invalid
+        if epochs is not None and value > epochs:
+            raise ValueError(
+                f"{value} is more than the run's epochs ({epochs}); the learning rate would "
+                "never reach its peak"
+            )
+        return value
 
     @field_validator("device")
     @classmethod
@@ -262,12 +360,32 @@ class TrainSection(Section):
 
 
 class WandbConfig(Section):
-    project: str = Field("msam", min_length=1, description="W&B project")
+    """Checked as W&B checks them when a run starts, which would otherwise leave every run of a
+    sweep untracked, each with a warning."""
+
+    project: str = Field(
+        "msam",
+        min_length=1,
+        max_length=_WANDB_MAX_PROJECT,
+        description=f"W&B project (at most {_WANDB_MAX_PROJECT} characters, none of / \\ # ? % :)",
+    )
     mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto = online with credentials, else offline; WANDB_MODE overrides"
     )
     entity: str | None = Field(None, description="W&B team or user; null = the default")
-    tags: list[str] = Field(default_factory=list, description="tags added to every run")
+    tags: list[WandbTag] = Field(
+        default_factory=list,
+        description=f"tags added to every run (each 1 to {_WANDB_MAX_TAG} characters)",
+    )
+
+    @field_validator("project", "entity")
+    @classmethod
+    def _wandb_characters(cls, value: str | None) -> str | None:
+        found = [c for c in _WANDB_FORBIDDEN if value is not None and c in value]
+        if found:
+            listed = " ".join(_WANDB_FORBIDDEN)
+            raise ValueError(f"W&B refuses {listed} in names; found {found[0]!r} in {show(value)}")
+        return value
 
 
 class TrackingConfig(Section):

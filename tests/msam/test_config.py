@@ -10,6 +10,13 @@ import yaml
 
 from msam.config import (
     DATASETS,
+    MAX_BATCH,
+    MAX_BYTES,
+    MAX_DEPTH,
+    MAX_EPOCHS,
+    MAX_FILE_NAME,
+    MAX_NODES,
+    SEED_LIMIT,
     SyntheticConfig,
     TrainConfig,
     apply_overrides,
@@ -18,6 +25,7 @@ from msam.config import (
     load_yaml,
     parse_train_config,
 )
+from msam.config.messages import MAX_MESSAGE, bounded
 from msam.errors import UserError
 
 DESIGN_EXAMPLE = """\
@@ -291,3 +299,185 @@ def test_every_name_imported_from_the_package_is_there():
     public = {name for _, name in imported if not name.startswith("_")}
     assert public <= set(msam.config.__all__)
     assert all(hasattr(msam.config, name) for name in msam.config.__all__)
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def nested_aliases(levels: int) -> str:
+    """``levels`` anchors, each a list of nine aliases of the one before: 9**levels strings."""
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "data: {dataset: digits}\nmodel:\n  kwargs:\n" + "".join(f"    {x}\n" for x in lines)
+
+
+def test_aliases_within_the_bound_load_as_written(tmp_path):
+    raw = load_yaml(write(tmp_path, nested_aliases(4)))  # 9**4 = 6561 strings
+    kwargs = raw["model"]["kwargs"]
+    assert len(kwargs["a3"]) == 9 and kwargs["a3"][0][0][0] == ["x"] * 9
+    assert parse_train_config(raw).model.kwargs == kwargs
+
+
+@pytest.mark.parametrize("levels", [6, 10, 30])
+def test_an_alias_bomb_is_refused_while_it_is_read(tmp_path, levels):
+    path = write(tmp_path, nested_aliases(levels))
+    with pytest.raises(UserError) as info:
+        load_yaml(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:9:") and f"expands to more than {MAX_NODES}" in message
+    assert len(message) <= MAX_MESSAGE
+
+
+def test_many_plain_values_count_too(tmp_path):
+    path = write(tmp_path, "data: {dataset: digits}\nkeys: [" + "1, " * MAX_NODES + "1]\n")
+    with pytest.raises(UserError, match=f"refused: expands to more than {MAX_NODES}"):
+        load_yaml(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a: &a [1, *a]\n", ":1:11: refused: alias *a is used inside the node it names"),
+        ("a: &a {b: *a}\n", ":1:11: refused: alias *a is used inside the node it names"),
+        ("a: " + "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1) + "\n", "nested deeper than 50"),
+        ("a: " + "[" * 5000 + "]" * 5000 + "\n", f"nested deeper than {MAX_DEPTH} levels"),
+        ("epochs: " + "9" * 5000 + "\n", "invalid YAML: Exceeds the limit"),
+    ],
+    ids=["self-list", "self-mapping", "too-deep", "far-too-deep", "long-int"],
+)
+def test_structures_a_config_never_needs_are_refused(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_yaml(path)
+    assert str(info.value).startswith(str(path)) and expected in str(info.value)
+
+
+def test_nesting_within_the_bound_loads(tmp_path):
+    depth = MAX_DEPTH - 2  # the top mapping and its key take the other two levels
+    raw = load_yaml(write(tmp_path, "a: " + "[" * depth + "1" + "]" * depth + "\n"))
+    value = raw["a"]
+    for _ in range(depth - 1):
+        (value,) = value
+    assert value == [1]
+
+
+def test_a_file_over_the_size_bound_is_not_read(tmp_path):
+    path = write(tmp_path, "# padding\n" * (MAX_BYTES // 10) + "data: {dataset: digits}\n")
+    with pytest.raises(UserError, match="larger than 1 MiB"):
+        load_yaml(path)
+    path.write_text("# padding\n" * (MAX_BYTES // 20) + "data: {dataset: digits}\n")
+    assert load_yaml(path) == {"data": {"dataset": "digits"}}
+
+
+def test_an_alias_bomb_in_an_override_is_refused():
+    bomb = "{a0: &a0 [x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)
+    )
+    with pytest.raises(UserError, match=r"^--set model.kwargs: refused: expands to more than"):
+        apply_overrides(MINIMAL, [f"model.kwargs={bomb}}}"])
+    assert apply_overrides(MINIMAL, ["model.kwargs={a: &a [1], b: *a}"])["model"]["kwargs"] == {
+        "a": [1],
+        "b": [1],
+    }
+
+
+def test_messages_are_cut_to_a_bounded_line():
+    assert bounded("short\nline") == "short line"
+    cut = bounded("x" * 10_000)
+    assert len(cut) == MAX_MESSAGE and cut.endswith("…")
+    message = error_of({**MINIMAL, "optim": {"x" * 100_000: 1}, "train": {"epochs": 0}})
+    assert len(message) <= MAX_MESSAGE and message.endswith("(+1 more)")
+    assert "unknown key 'optim.xxx" in message and "…" in message
+
+
+def test_a_long_override_is_shown_short():
+    with pytest.raises(UserError) as info:
+        apply_overrides(MINIMAL, ["x" * 100_000])
+    assert len(str(info.value)) <= MAX_MESSAGE and "expected KEY=VALUE" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["train.seed", "data.split_seed", "data.synthetic.seed"])
+def test_seeds_are_non_negative_and_below_2_to_the_31(key):
+    raw = with_value(key, 0)
+    if key.startswith("data.synthetic"):
+        raw["data"]["dataset"] = "synthetic"
+    for bad, expected in [(-1, "greater than or equal to 0"), (SEED_LIMIT, "less than 2147483648")]:
+        node = raw
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = bad
+        assert f"{key}: Input should be {expected}" in error_of(raw)
+    node[last] = SEED_LIMIT - 1
+    parse_train_config(raw)
+
+
+def test_warmup_may_last_the_whole_run_but_no_longer():
+    raw = with_value("train", {"epochs": 3, "warmup_epochs": 3})
+    assert parse_train_config(raw).train.warmup_epochs == 3
+    raw["train"]["warmup_epochs"] = 4
+    assert "train.warmup_epochs: 4 is more than the run's epochs (3)" in error_of(raw)
+    raw["train"]["epochs"] = 0  # the invalid epochs is the one problem reported
+    assert (
+        error_of(raw)
+        == "cfg.yaml: train.epochs: Input should be greater than or equal to 1 (got 0)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "good", "bad"),
+    [
+        ("train.epochs", MAX_EPOCHS, MAX_EPOCHS + 1),
+        ("train.batch_size", MAX_BATCH, MAX_BATCH + 1),
+        ("train.eval_batch_size", MAX_BATCH, MAX_BATCH + 1),
+        ("optim.micro_batches", MAX_BATCH, MAX_BATCH + 1),
+        ("data.img_size", 4096, 4097),
+        ("model.name", "m" * 200, "m" * 201),
+        ("optim.base", "b" * 100, "b" * 101),
+        ("data.root", "r" * 4096, "r" * 4097),
+        ("tracking.wandb.project", "p" * 128, "p" * 129),
+        ("name", "n" * MAX_FILE_NAME, "n" * (MAX_FILE_NAME + 1)),
+    ],
+)
+def test_sizes_are_bounded(key, good, bad):
+    raw = with_value(key, good)
+    if key == "data.img_size":
+        raw["data"] = {"dataset": "imagefolder", "root": "/data", "img_size": good}
+    if key == "train.batch_size":
+        raw["train"]["eval_batch_size"] = 1
+    parse_train_config(raw)
+    raw = copy.deepcopy(raw)
+    node = raw
+    *parents, last = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = bad
+    message = error_of(raw)
+    assert message.startswith(f"cfg.yaml: {key}: ") and len(message) <= MAX_MESSAGE
+
+
+def test_a_run_name_is_one_line():
+    assert "name: use letters, digits" in error_of({**MINIMAL, "name": "run\n"})
+    assert f"at most {MAX_FILE_NAME} characters" in error_of({**MINIMAL, "name": "n" * 256})
+
+
+def test_a_synthetic_data_set_must_fit_in_memory():
+    raw = {"data": {"dataset": "synthetic", "synthetic": {"img_size": 512}}}
+    message = error_of(raw)
+    assert "data.synthetic: 12000 images of 3x512x512" in message and "at most 4 GiB" in message
+    raw["data"]["synthetic"].update(num_train=1000, num_test=100)
+    assert parse_train_config(raw).data.synthetic.img_size == 512
+
+
+@pytest.mark.parametrize("char", list("/\\#?%:"))
+@pytest.mark.parametrize("key", ["project", "entity"])
+def test_wandb_names_w_and_b_refuses(key, char):
+    message = error_of(with_value(f"tracking.wandb.{key}", f"a{char}b"))
+    assert f"tracking.wandb.{key}: W&B refuses" in message and repr(char) in message
+
+
+def test_wandb_tags_are_1_to_64_characters():
+    assert parse_train_config(with_value("tracking.wandb.tags", ["t" * 64])).tracking
+    for tag in ["", "t" * 65]:
+        message = error_of(with_value("tracking.wandb.tags", ["ok", tag]))
+        assert "tracking.wandb.tags[1]: W&B tags are 1 to 64 characters" in message

@@ -10,7 +10,9 @@ import yaml
 
 from msam.config import TrainConfig
 from msam.errors import UserError
-from sweeps.spec import load_sweep_spec, parse_sweep_spec
+from msam.files import atomic_write
+from sweeps.layout import RunFolder
+from sweeps.spec import MAX_NAME_LENGTH, load_sweep_spec, parse_sweep_spec
 
 DESIGN_EXAMPLE = """\
 name: fmnist-resnet18
@@ -180,3 +182,83 @@ def test_grid_with_choices_everywhere():
 
 def test_null_pruner_means_none():
     assert parse_sweep_spec(changed("budget.pruner", None)).budget.pruner == "none"
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def test_the_longest_name_leaves_room_for_every_file_named_after_it(tmp_path):
+    """The longest file a sweep derives from its name, ``tuned/<name>-msam.yaml`` written
+    through ``.tmp``, can be created; one character more is refused before any work."""
+    assert MAX_NAME_LENGTH == 241
+    name = "n" * MAX_NAME_LENGTH
+    spec = parse_sweep_spec(changed("name", name))
+    folder = RunFolder(tmp_path / name)
+    folder.tuned_dir.mkdir(parents=True)
+    for optimizer in spec.optimizers:
+        atomic_write(folder.tuned(name, optimizer), "name: x\n")
+        assert spec.train_config(optimizer, {}).name == f"{name}-{optimizer}"
+    with pytest.raises(OSError, match="File name too long"):
+        (folder.tuned_dir / (folder.tuned(name, "msam").name + ".tmp" + "x")).write_text("")
+    message = error_of(changed("name", name + "n"))
+    assert "name: at most 241 characters" in message and "(got 242)" in message
+
+
+@pytest.mark.parametrize("key", ["budget.seed", "final.flatness.seed"])
+def test_seeds_are_non_negative_and_below_2_to_the_31(key):
+    assert "greater than or equal to 0 (got -5)" in error_of(changed(key, -5))
+    assert "less than 2147483648" in error_of(changed(key, 2**31))
+    parse_sweep_spec(changed(key, 2**31 - 1))
+
+
+def test_warmup_is_checked_against_the_base_and_the_finals_epochs():
+    raw = changed("base.train.warmup_epochs", 11)
+    assert "base.train.warmup_epochs: 11 is more than the run's epochs (10)" in error_of(raw)
+    raw = changed("base.train.warmup_epochs", 4)
+    raw["final"]["epochs"] = 3
+    message = error_of(raw)
+    assert "final.epochs 3 is less than base.train.warmup_epochs 4" in message
+    raw["final"]["epochs"] = 4
+    spec = parse_sweep_spec(raw)
+    assert spec.train_config("sam", {"train.epochs": spec.final.epochs}).train.warmup_epochs == 4
+
+
+def test_grad_evals_matching_keeps_every_run_within_the_epoch_bound():
+    raw = changed("budget.match", "grad_evals")
+    raw["base"]["train"]["epochs"] = 6000  # sgd would train 12000
+    assert "trains sgd 12000 epochs for base.train.epochs 6000" in error_of(raw)
+    raw["optimizers"] = ["sam", "msam"]  # no cheaper optimizer: 6000 each
+    parse_sweep_spec(raw)
+    raw = changed("budget.match", "grad_evals")
+    raw["final"]["epochs"] = 5001
+    assert "trains sgd 10002 epochs for final.epochs 5001" in error_of(raw)
+    raw["final"]["epochs"] = 5000
+    parse_sweep_spec(raw)
+    parse_sweep_spec(changed("base.train.epochs", 10_000))  # budget.match: epochs
+
+
+@pytest.mark.parametrize(
+    ("key", "good", "bad"),
+    [
+        ("budget.trials", 10_000, 10_001),
+        ("final.top_k", 100, 101),
+        ("final.seeds", 1000, 1001),
+        ("final.epochs", 10_000, 10_001),
+        ("final.flatness.images", 1_000_000, 1_000_001),
+        ("final.flatness.batch_size", 65_536, 65_537),
+        ("final.flatness.iters", 10_000, 10_001),
+        ("final.flatness.samples", 10_000, 10_001),
+        ("base.train.epochs", 10_000, 10_001),
+        ("base.train.batch_size", 65_536, 65_537),
+    ],
+)
+def test_sizes_are_bounded(key, good, bad):
+    parse_sweep_spec(changed(key, good))
+    assert f"{key}: Input should be less than or equal to {good} (got {bad})" in error_of(
+        changed(key, bad)
+    )
+
+
+def test_wandb_settings_of_the_base_are_checked():
+    message = error_of(changed("base.tracking.wandb", {"project": "a/b"}))
+    assert "base.tracking.wandb.project: W&B refuses" in message
