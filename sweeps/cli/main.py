@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from typing import NoReturn
 
+from msam.config.messages import bounded
 from msam.errors import UserError
 
 __all__ = ["build_parser", "main"]
@@ -56,7 +57,7 @@ def _one_line_warning(
     line: str | None = None,
 ) -> str:
     """Warnings as users read them: ``warning: <message>``, not a source location."""
-    return f"warning: {' '.join(str(message).split())}\n"
+    return f"warning: {bounded(str(message))}\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"error: {bounded(str(exc))}", file=sys.stderr)  # one line, however long the cause
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -465,12 +465,6 @@ def test_a_config_that_never_ends_is_refused(tmp_path, env):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="msam/models.py puts every model.kwargs value into its message: 59,049 strings, "
-    "within the node bound, still make a 350 kB line; to be cut there or where "
-    "sweeps/cli/main.py prints the line",
-)
 def test_kwargs_within_the_node_bound_still_give_a_short_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.yaml"
