@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from msam.config import load_yaml
 from msam.errors import UserError
 from msam.files import atomic_write
 from sweeps import budget
@@ -94,9 +95,10 @@ def write_tuned(results: SweepResults, board: Leaderboard, run_dir: str | Path) 
 
 
 def _config_of(path: Path) -> Any:
+    """A file already in ``--to``, read with the config loader's limits (None if unreadable)."""
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        return load_yaml(path)
+    except UserError:
         return None
 
 
