@@ -71,8 +71,19 @@ def run_one(
     flatness: FlatnessSettings,
 ) -> dict[str, Any]:
     """Train one method and seed on train + validation; test once; measure flatness."""
+    cfg = claims_config(spec, method, seed, lr=lr, rho=rho, epochs=epochs)
     from msam.trainer import run_train
 
+    t0 = time.perf_counter()
+    result = run_train(cfg, final=True, verbose=False)
+    wall = time.perf_counter() - t0
+    return _row(method, seed, cfg, result, wall, flatness, rho)
+
+
+def claims_config(
+    spec: SweepSpec, method: Method, seed: int, *, lr: float, rho: float, epochs: int | None
+) -> Any:
+    """The validated train config of one method and seed (a UserError if it cannot be one)."""
     params: dict[str, Any] = {"lr": lr, "train.seed": seed}
     if method.optimizer != "sgd":
         params["rho"] = rho
@@ -81,10 +92,18 @@ def run_one(
     if epochs is not None:
         params["train.epochs"] = epochs
     params["tracking.wandb.mode"] = "disabled"
-    cfg = spec.train_config(method.optimizer, params)
-    t0 = time.perf_counter()
-    result = run_train(cfg, final=True, verbose=False)
-    wall = time.perf_counter() - t0
+    return spec.train_config(method.optimizer, params)
+
+
+def _row(
+    method: Method,
+    seed: int,
+    cfg: Any,
+    result: Any,
+    wall: float,
+    flatness: FlatnessSettings,
+    rho: float,
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "method": method.label,
         "optimizer": method.optimizer,
@@ -306,6 +325,8 @@ def run(
     if seeds < 2:
         raise UserError(f"--seeds {seeds}: paired intervals need at least 2 seeds")
     arms = methods(spec.base.train.batch_size, micro_batches)
+    for arm in arms:  # every config is checked before the first run starts (exit 2)
+        claims_config(spec, arm, 0, lr=lr, rho=rho, epochs=epochs)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = out / "runs"
     runs_dir.mkdir(exist_ok=True)

@@ -66,3 +66,12 @@ def test_bad_micro_batches_are_user_errors():
         methods(32, [3, 5])
     with pytest.raises(UserError, match="m >= 2"):
         methods(32, [1])
+
+
+def test_epochs_below_the_warmup_are_refused_before_any_run(tmp_path):
+    base = {**SPEC["base"], "train": {"epochs": 3, "batch_size": 32, "warmup_epochs": 2}}
+    spec = parse_sweep_spec({**SPEC, "base": base})
+    out = tmp_path / "claims"
+    with pytest.raises(UserError, match="warmup_epochs"):
+        run(spec, out=out, micro_batches=[2], seeds=2, epochs=1)
+    assert not out.exists()
