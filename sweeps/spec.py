@@ -198,11 +198,34 @@ class Budget(Section):
         description="what equal budgets mean: equal epochs, or equal gradient evaluations "
         "(SGD then trains twice the epochs of SAM/mSAM, whose updates cost two passes)",
     )
+    trial_timeout: Literal["auto"] | Float | None = Field(
+        "auto",
+        description="seconds a running trial may go without progress (its start or an epoch's "
+        "end) before it is failed as 'timed out' and redone from its last checkpoint, as a lost "
+        "worker's trial is; auto = 10 x the slowest such wait the study has recorded, at least "
+        "600 s, and 3600 s for the first epoch before the study has timed any (data loading, "
+        "compilation); null = no limit (<= 2592000, 30 days)",
+    )
 
     @field_validator("pruner", mode="before")
     @classmethod
     def _null_is_none(cls, value: Any) -> Any:
         return "none" if value is None or value is False else value
+
+    @field_validator("trial_timeout", mode="before")
+    @classmethod
+    def _timeout_seconds(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        try:
+            seconds = float(value) if not isinstance(value, bool) else None
+        except (TypeError, ValueError):
+            seconds = None
+        if seconds is None or not 0 < seconds <= 2_592_000:
+            raise ValueError(
+                f"expected auto, null or seconds above 0 and at most 2592000 (got {value!r})"
+            )
+        return seconds
 
 
 class Flatness(Section):

@@ -25,7 +25,13 @@ from msam.errors import UserError
 from msam.files import atomic_write, read_json, write_json
 from sweeps.engine.folder_lock import launcher_lock
 from sweeps.engine.launch import WorkerPool, worker_threads
-from sweeps.engine.lifecycle import ensure_studies, make_stale_callback, reap_lost_trials
+from sweeps.engine.lifecycle import (
+    ensure_studies,
+    hung_workers,
+    make_stale_callback,
+    reap_lost_trials,
+    trial_timeout_s,
+)
 from sweeps.engine.live import LiveView, best_table, snapshot
 from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.engine.worker import Worker
@@ -48,11 +54,14 @@ __all__ = [
     "write_spec",
 ]
 
-#: Settings a rerun may change without starting another sweep: a larger or smaller budget, the
-#: final stage, tracking, and where data and device live on this machine. Anything else (the
-#: model, the data, the search space, the sampler...) would mix two sweeps in one run folder.
+#: Settings a rerun may change without starting another sweep: a larger or smaller budget, how
+#: long a trial may go without progress, the final stage, tracking, and where data and device
+#: live on this machine. Anything else (the model, the data, the search space, the sampler...)
+#: would mix two sweeps in one run folder. Specs recorded before ``budget.trial_timeout``
+#: existed lack it, and still rerun.
 RERUN_MAY_CHANGE = (
     "budget.trials",
+    "budget.trial_timeout",
     "final",
     "base.tracking",
     "base.data.root",
@@ -217,9 +226,10 @@ def tune(run: SweepRun, storage: Any) -> int:
     write_spec(spec, run.folder)
     write_json(run.folder.storage_record, {"kind": run.storage.kind, "shown": run.storage.shown})
     ensure_studies(spec, storage)
-    for opt in spec.optimizers:  # trials left RUNNING by a sweep that died
+    for opt in spec.optimizers:  # trials left RUNNING by a sweep that died, or hung
         study = open_study(storage, spec.name, opt)
-        reap_lost_trials(study, ownerless_grace_s=LAUNCH_OWNERLESS_GRACE_S)
+        timeout_s = trial_timeout_s(spec, study)
+        reap_lost_trials(study, ownerless_grace_s=LAUNCH_OWNERLESS_GRACE_S, timeout_s=timeout_s)
     view_storage = open_storage(run.storage)
     print(
         f"sweep {spec.name}: {len(spec.optimizers)} optimizers x {spec.budget.trials} trials, "
@@ -257,19 +267,30 @@ def _tune_in_process(spec: SweepSpec, storage: Any, view_storage: Any, out: Path
             return 130
 
 
+def _reap(spec: SweepSpec, studies: list[Any]) -> dict[int, str]:
+    """Fail and redo the trials of workers that died or hung (the workers do it too, but all of
+    them may hang); the hung workers of this machine, ``{pid: which trial timed out}``."""
+    for study in studies:
+        reap_lost_trials(study, timeout_s=trial_timeout_s(spec, study))
+    return hung_workers(studies)
+
+
 def _tune_with_pool(run: SweepRun, storage: Any, view_storage: Any) -> int:
     pool = WorkerPool(run.slots, run.folder, run.storage.arg)
+    studies = [open_study(storage, run.spec.name, opt) for opt in run.spec.optimizers]
     with LiveView(run.spec, view_storage) as view, InterruptGuard(on_signal=pool.stop) as guard:
         pool.start()
-        codes = pool.wait(tick=lambda: None)
-        for opt in run.spec.optimizers:  # trials of workers that were killed
-            reap_lost_trials(open_study(storage, run.spec.name, opt))
+        codes = pool.wait(tick=lambda: None, watch=lambda: _reap(run.spec, studies))
+        _reap(run.spec, studies)  # trials of workers that were killed
         if guard.signum is not None:
             view.say("interrupted: running trials failed as 'interrupted'; rerun to resume")
             return guard.exit_code or 130
         for index, code in codes.items():
-            if code != 0:  # the others carried on; tune() judges by the studies' budgets
-                log = run.folder.worker_log(index)
+            log = run.folder.worker_log(index)
+            if index in pool.stopped_hung:  # its trial was redone by another worker
+                why = pool.stopped_hung[index]
+                view.say(f"worker {index} hung ({why}); stopped it (status {code}); see {log}")
+            elif code != 0:  # the others carried on; tune() judges by the studies' budgets
                 view.say(f"worker {index} exited with status {code}; see {log}")
     return 0
 

@@ -11,11 +11,19 @@ and how Optuna records them:
 - raised: FAIL, reason "error: ...", retried once with the same parameters;
 - out of memory (CUDA's or the host's): FAIL, reason "out of memory"; its memory is released
   before the worker takes the next trial, and it is retried once like an error;
-- interrupted (Ctrl-C, SIGTERM): FAIL, reason "interrupted", retried when the sweep resumes.
+- interrupted (Ctrl-C, SIGTERM): FAIL, reason "interrupted", retried when the sweep resumes;
+- no progress within ``budget.trial_timeout`` (its worker stopped or hung): FAIL, reason "timed
+  out (...)", set by whoever reaps it (:mod:`sweeps.engine.lifecycle`), and retried.
 
-A retry of an interrupted trial or of one whose worker died continues from that trial's last
-epoch checkpoint (same parameters, same config), instead of starting over; a finished trial's
-checkpoint is deleted, so a long sweep does not fill the disk with them.
+A retry of an interrupted or timed-out trial or of one whose worker died continues from that
+trial's last epoch checkpoint (same parameters, same config), instead of starting over; a
+finished trial's checkpoint is deleted, so a long sweep does not fill the disk with them.
+
+A trial stamps its progress (:data:`~sweeps.engine.lifecycle.PROGRESS`) at its start and at each
+epoch's end. A worker that finds its trial failed by someone else meanwhile (it was stopped and
+timed out, or taken for lost) gives the trial up: it tells the storage nothing more, finishes
+its W&B run as failed with the recorded reason, writes only into its own trial folder, and
+leaves its last checkpoint there for the retry to continue from.
 
 Every trial records in its user attrs the worker running it, its folder, its W&B run id, its
 status and reason, and where its time went (``seconds``: train vs the sweep's own overhead).
@@ -35,7 +43,7 @@ from typing import Any
 from msam.callbacks import Callback
 from msam.files import write_json
 from sweeps import budget
-from sweeps.engine.lifecycle import fail_trial, requeue
+from sweeps.engine.lifecycle import PROGRESS, fail_trial, note_slowest, requeue
 from sweeps.engine.search import suggest_params
 from sweeps.engine.signals import Interrupted, InterruptGuard
 from sweeps.faults import OUT_OF_MEMORY, failure_reason, one_line, release_memory
@@ -45,7 +53,46 @@ from sweeps.storage import heartbeat
 from sweeps.studies import study_name
 from sweeps.tracking import WandbCallback
 
-__all__ = ["PruningCallback", "TrialRunner"]
+__all__ = ["ProgressCallback", "PruningCallback", "TrialRunner"]
+
+
+class ProgressCallback(Callback):
+    """Stamps the trial's progress at its start and at each epoch's end, for the watchdog
+    (:func:`sweeps.engine.lifecycle.reap_lost_trials`), with the longest wait between stamps.
+
+    When the trial was failed meanwhile (timed out while this worker was stopped) the stamp
+    raises the storage's error, which stops the training; the wait is then recorded at the
+    study, so that ``budget.trial_timeout: auto`` learns how long an epoch can take.
+    """
+
+    def __init__(self, study: Any, trial: Any) -> None:
+        self.study = study
+        self.trial = trial
+        self.seconds = 0.0  # time in storage calls: sweep overhead, not training
+        self.slowest = 0.0
+        self._last: float | None = None
+
+    def stamp(self, epoch: int) -> None:
+        """Record that the trial is alive after ``epoch`` epochs (0: it starts)."""
+        from optuna.exceptions import UpdateFinishedTrialError
+
+        t0 = time.perf_counter()
+        now = time.time()
+        if self._last is not None:
+            self.slowest = max(self.slowest, now - self._last)
+        try:
+            stamp = {"at": round(now, 3), "epoch": epoch, "slowest_s": round(self.slowest, 3)}
+            self.trial.set_user_attr(PROGRESS, stamp)
+        except UpdateFinishedTrialError:
+            if self._last is not None:
+                note_slowest(self.study, now - self._last)
+            raise
+        finally:
+            self.seconds += time.perf_counter() - t0
+        self._last = now
+
+    def on_epoch_end(self, epoch: int, metrics: Any) -> None:
+        self.stamp(epoch)
 
 
 class PruningCallback(Callback):
@@ -106,8 +153,10 @@ class TrialRunner:
         tracker: WandbCallback | None = None
         epochs = budget.epochs(spec, optimizer)
         pruning = PruningCallback(trial, epochs)
+        progress = ProgressCallback(study, trial)
         failure: str | None = None
         try:
+            progress.stamp(0)
             params = suggest_params(trial, spec, optimizer)
             from msam.trainer import run_train, with_epochs
 
@@ -120,27 +169,36 @@ class TrialRunner:
                 trial.set_user_attr("wandb_run_id", tracker.run_id)
 
             t_train = time.perf_counter()
+            callbacks = [progress, pruning, tracker]  # progress first: a lost trial stops there
             with heartbeat(self.storage, trial._trial_id), self.guard.raising():
                 result = run_train(
                     cfg,
                     out_dir=folder,
                     resume=resumed is not None,
-                    callbacks=[_Shielded(pruning, self.guard), _Shielded(tracker, self.guard)],
+                    callbacks=[_Shielded(cb, self.guard) for cb in callbacks],
                     evaluate_test=False,
                     verbose=self.verbose,
                 )
-            train_s = time.perf_counter() - t_train - pruning.seconds - tracker.seconds
+            own_s = pruning.seconds + tracker.seconds + progress.seconds
+            train_s = time.perf_counter() - t_train - own_s
             status, reason, state, value = _outcome(result)
         except (Interrupted, KeyboardInterrupt):
+            taken = _taken_reason(study, trial)  # timed out while stopped, then told to stop
             if tracker is not None:
-                tracker.finish(status="failed", reason="interrupted")
-            if fail_trial(study, trial, "interrupted"):
+                tracker.finish(status="failed", reason=taken or "interrupted")
+            if taken is None and fail_trial(study, trial, "interrupted"):
                 requeue(study, _frozen(study, trial), lost=True)
             raise
         except Exception as exc:
-            failure = self._record_error(study, trial, folder, tracker, exc)
+            taken = _taken_reason(study, trial)
+            if taken is not None:  # failed by a reaper meanwhile: its retry redoes it
+                failure = self._give_up(study, trial, folder, tracker, taken)
+            else:
+                failure = self._record_error(study, trial, folder, tracker, exc)
         if failure is not None:  # out of the except block: the traceback's frames are unreachable
             release_memory()
+            if failure == LOST:
+                return LOST
             (folder / CHECKPOINT).unlink(missing_ok=True)
             return "failed"
         tracker.finish(
@@ -155,14 +213,29 @@ class TrialRunner:
             "overhead": round(total - train_s, 4),
             "wandb": round(tracker.seconds, 4),
             "pruner": round(pruning.seconds, 4),
+            "progress": round(progress.seconds, 4),
         }
         attrs = {"status": status, "reason": reason, "epochs": len(result.history)}
         if not self._tell(study, trial, state, value, attrs, seconds):
-            return "lost"
+            taken = _taken_reason(study, trial) or "lost"
+            return self._give_up(study, trial, folder, tracker, taken)
         self.timings.append(seconds)
         write_json(folder / TIMING, seconds)
         (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing will resume it
+        if resumed is not None:  # one a stopped worker wrote after this trial took its own
+            (self.out / resumed["trial_dir"] / CHECKPOINT).unlink(missing_ok=True)
         return status
+
+    def _give_up(self, study: Any, trial: Any, folder: Path, tracker: Any, reason: str) -> str:
+        """A trial someone else failed while this worker ran it (timed out while the worker was
+        stopped, or taken for lost): nothing more goes to the storage, the W&B run ends as
+        failed with the recorded reason, and the last checkpoint stays in this trial's folder
+        while the retry that continues from it has yet to finish."""
+        if tracker is not None:
+            tracker.finish(status="failed", reason=reason)
+        if _checkpoint_unclaimed(study, trial):
+            (folder / CHECKPOINT).unlink(missing_ok=True)
+        return LOST
 
     def _record_error(
         self, study: Any, trial: Any, folder: Path, tracker: Any, exc: Exception
@@ -272,8 +345,38 @@ class TrialRunner:
         )
 
 
+#: What :meth:`TrialRunner.run` returns for a trial another process failed while it ran.
+LOST = "lost"
+
+
 def _frozen(study: Any, trial: Any) -> Any:
     return study._storage.get_trial(trial._trial_id)
+
+
+def _taken_reason(study: Any, trial: Any) -> str | None:
+    """The recorded reason when someone else failed the trial while this worker ran it (a
+    reaper, on a timeout or a lost worker), else None."""
+    try:
+        frozen = _frozen(study, trial)
+    except Exception:  # the storage is unreachable: treat the trial as still ours
+        return None
+    if not frozen.state.is_finished():
+        return None
+    return str(frozen.user_attrs.get("reason") or "lost")
+
+
+def _checkpoint_unclaimed(study: Any, trial: Any) -> bool:
+    """Whether the trial's folder is its own (it got that far) and no retry continuing from it
+    has yet to finish: one that has will take the folder's checkpoint, or has taken it and may
+    fail again."""
+    try:
+        folder = _frozen(study, trial).user_attrs.get("trial_dir")
+        return folder is not None and not any(
+            t.user_attrs.get("resume_from") == folder and not t.state.is_finished()
+            for t in study.get_trials(deepcopy=False)
+        )
+    except Exception:  # unsure: keep the checkpoint
+        return False
 
 
 class _Shielded(Callback):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweeps.engine.lifecycle import owner_token, reap_lost_trials
+from sweeps.engine.lifecycle import owner_token, reap_lost_trials, trial_timeout_s
 from sweeps.engine.search import make_pruner, make_sampler
 from sweeps.engine.signals import InterruptGuard
 from sweeps.engine.trial import TrialRunner
@@ -61,12 +61,13 @@ class Worker:
         self.owner = {**owner_token(), "index": self.index}
 
     def counts(self) -> dict[str, StudyCounts]:
-        """Each study's trial states, after failing and retrying trials of vanished workers."""
+        """Each study's trial states, after failing and retrying trials of vanished or hung
+        workers."""
         budget = self.spec.budget.trials
         result = {}
         for opt, study in self.studies.items():
-            for number in reap_lost_trials(study):
-                self.say(f"{opt}: trial {number} lost its worker; failed and re-enqueued")
+            for gone in reap_lost_trials(study, timeout_s=trial_timeout_s(self.spec, study)):
+                self.say(f"{opt}: trial {gone.number} failed ({gone.reason}) and re-enqueued")
             result[opt] = count_trials(study.get_trials(deepcopy=False), opt, budget)
         return result
 
