@@ -10,6 +10,7 @@ a warning, and training goes on untracked.
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import secrets
@@ -121,7 +122,7 @@ class WandbCallback(Callback):
         self.dir = Path(dir) if dir is not None else None
         self.finish_on_end = finish_on_end
         self._run_id = run_id or new_run_id()
-        #: ``"allow"``: continue the run of ``run_id`` if W&B has it (a rerun bringing it up to date).
+        #: ``"allow"``: continue the run of ``run_id`` if W&B has it (a rerun finishing it).
         self.resume = resume
         self.run: Any = None
         self.seconds = 0.0
@@ -277,8 +278,65 @@ def find_offline_runs(run_dir: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in wandb_dir.glob("offline-run-*") if p.is_dir())
 
 
+#: Seconds to wait for W&B's server to accept a connection before ``msam sync`` gives up.
+SYNC_CONNECT_TIMEOUT_S = 5.0
+#: Seconds ``wandb sync`` may take in all (``MSAM_SYNC_TIMEOUT`` overrides it).
+SYNC_TIMEOUT_S = 600.0
+
+
+def _server() -> tuple[str, str, int]:
+    """W&B's server as ``(url, host, port)``, from ``WANDB_BASE_URL`` (default api.wandb.ai)."""
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("WANDB_BASE_URL", "").strip() or "https://api.wandb.ai"
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    try:
+        port = parts.port or (80 if parts.scheme == "http" else 443)
+    except ValueError:
+        raise UserError(f"WANDB_BASE_URL {url}: not a URL with a valid port") from None
+    if not parts.hostname:
+        raise UserError(f"WANDB_BASE_URL {url}: not a URL with a host")
+    return url, parts.hostname, port
+
+
+def _check_reachable() -> None:
+    """One TCP connection to W&B's server within seconds, or a one-line UserError: without it
+    ``wandb sync`` retries for minutes on a refused or unroutable address."""
+    import socket
+
+    url, host, port = _server()
+    try:
+        socket.create_connection((host, port), timeout=SYNC_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+            reason = f"no answer in {SYNC_CONNECT_TIMEOUT_S:g} s"
+        raise UserError(
+            f"cannot reach W&B at {url} ({reason}); nothing was uploaded and the offline runs "
+            "are kept: rerun msam sync when the server can be reached"
+        ) from None
+
+
+def _sync_timeout() -> float:
+    raw = os.environ.get("MSAM_SYNC_TIMEOUT", "").strip()
+    if not raw:
+        return SYNC_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UserError(f"MSAM_SYNC_TIMEOUT={raw}: must be a number of seconds above 0")
+    return value
+
+
 def sync_run(run_dir: str | os.PathLike[str]) -> int:
-    """``msam sync RUN_DIR``: upload the offline runs of a sweep with ``wandb sync``."""
+    """``msam sync RUN_DIR``: upload the offline runs of a sweep with ``wandb sync``.
+
+    The server is tried first (a few seconds); ``wandb sync`` then runs in its own process group
+    under a time limit. When it fails or runs out of time, the ``.syncstate`` files it left are
+    removed, so the run folder is as it was and a later ``msam sync`` starts afresh.
+    """
     runs = find_offline_runs(run_dir)
     if not runs:
         print(f"no offline W&B runs under {run_dir}", file=sys.stderr)
@@ -288,5 +346,29 @@ def sync_run(run_dir: str | os.PathLike[str]) -> int:
             "W&B has no credentials here: run `wandb login` or set WANDB_API_KEY, then rerun "
             "msam sync"
         )
+    timeout = _sync_timeout()
+    _check_reachable()
+    before = {p for run in runs for p in run.parent.rglob("*.syncstate")}
     command = [sys.executable, "-m", "wandb", "sync", *map(str, runs)]
-    return subprocess.run(command, check=False).returncode
+    proc = subprocess.Popen(command, start_new_session=True)
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        code = None
+    finally:
+        if proc.poll() is None:
+            import signal
+
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if code == 0:
+        return 0
+    for left in {p for run in runs for p in run.parent.rglob("*.syncstate")} - before:
+        left.unlink(missing_ok=True)
+    if code is None:
+        raise UserError(
+            f"wandb sync did not finish in {timeout:g} s (MSAM_SYNC_TIMEOUT); stopped it, the "
+            "offline runs are kept: rerun msam sync"
+        )
+    raise UserError(f"wandb sync failed (exit status {code}); the offline runs are kept")
