@@ -350,7 +350,8 @@ def sync_run(run_dir: str | os.PathLike[str]) -> int:
     _check_reachable()
     before = {p for run in runs for p in run.parent.rglob("*.syncstate")}
     command = [sys.executable, "-m", "wandb", "sync", *map(str, runs)]
-    proc = subprocess.Popen(command, start_new_session=True)
+    # In the run folder: W&B writes its CLI log under ./wandb, which belongs there.
+    proc = subprocess.Popen(command, start_new_session=True, cwd=runs[0].parent.parent)
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
