@@ -30,7 +30,7 @@ from msam._backward import backward
 from msam.callbacks import Callback, CallbackList
 from msam.config import TrainConfig, first_difference
 from msam.errors import UserError
-from msam.files import CHECKPOINT, METRICS, SUMMARY, atomic_write
+from msam.files import CHECKPOINT, METRICS, SUMMARY, append_text, atomic_write
 from msam.optim import grad_evals_per_update as optim_grad_evals
 
 #: Updates between checks for a non-finite loss (each check is one host synchronisation).
@@ -635,8 +635,7 @@ def _epoch_metrics(run: _Run, epoch: int, meter: _Meter, seconds: float) -> dict
 
 def _record_epoch(run: _Run, progress: _Progress, metrics: dict[str, Any], epoch: int) -> None:
     """Append the epoch to ``metrics.jsonl`` and, if enabled, replace the checkpoint."""
-    with open(run.out / METRICS, "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
+    append_text(run.out / METRICS, json.dumps(metrics) + "\n")
     if run.cfg.train.checkpoint:
         _save_checkpoint(run.out / CHECKPOINT, _checkpoint_state(run, progress, epoch + 1))
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from msam.callbacks import Callback
-from msam.files import write_json
+from msam.files import DISK_FULL, is_disk_full, write_json
 from sweeps import budget
 from sweeps.engine.lifecycle import PROGRESS, fail_trial, note_slowest, requeue
 from sweeps.engine.search import suggest_params
@@ -240,17 +240,22 @@ class TrialRunner:
     def _record_error(
         self, study: Any, trial: Any, folder: Path, tracker: Any, exc: Exception
     ) -> str:
-        """Fail a trial that raised (its traceback in error.txt) and retry it; its reason."""
-        failure = failure_reason(exc)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / ERROR).write_text(traceback.format_exc())
+        """Fail a trial that raised (its traceback in error.txt) and retry it; its reason.
+
+        A full disk ("disk full") refuses error.txt as well, which must not fail this handler; its
+        retry is not counted against the trial, like a lost worker's (the disk was not its fault).
+        """
+        failure = DISK_FULL if is_disk_full(exc) else failure_reason(exc)
+        with contextlib.suppress(OSError):  # the reason in the storage says what happened
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ERROR).write_text(traceback.format_exc())
         if tracker is not None:
             tracker.finish(status="failed", reason=failure)
-        if failure == OUT_OF_MEMORY:
+        if failure in (OUT_OF_MEMORY, DISK_FULL):
             with contextlib.suppress(Exception):  # the reason says it even if this fails
                 trial.set_user_attr("error", one_line(exc))
         if fail_trial(study, trial, failure):
-            requeue(study, _frozen(study, trial), lost=False)
+            requeue(study, _frozen(study, trial), lost=failure == DISK_FULL)
         return failure
 
     @staticmethod

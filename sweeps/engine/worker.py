@@ -3,7 +3,9 @@
 Any number of workers, in any number of processes and machines, share a sweep through its
 storage. Picking the study with the most open slots keeps all optimizers progressing together; the
 budget rule of :mod:`sweeps.studies` keeps each study at exactly ``budget.trials`` finished
-trials. A worker ends when every study is done (or gave up after repeated errors).
+trials. A worker ends when every study is done (or gave up after repeated errors), and stops at
+a full disk (``msam.files.DiskFullError``: one line, exit 2), where every next trial would fail
+alike; the trial that met it fails as "disk full" and a rerun redoes it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msam.files import DISK_FULL, DiskFullError, disk_full_as_error
 from sweeps.engine.lifecycle import owner_token, reap_lost_trials, trial_timeout_s
-from sweeps.engine.search import make_pruner, make_sampler
+from sweeps.engine.search import ask_trial, make_pruner, make_sampler, started_trials
 from sweeps.engine.signals import InterruptGuard
 from sweeps.engine.trial import TrialRunner
 from sweeps.spec import SweepSpec
@@ -47,15 +50,12 @@ class Worker:
     def __post_init__(self) -> None:
         self.studies = {
             opt: open_study(
-                self.storage,
-                self.spec.name,
-                opt,
-                sampler=make_sampler(self.spec, opt, self.index),
-                pruner=make_pruner(self.spec, opt),
-                create=True,
+                self.storage, self.spec.name, opt, pruner=make_pruner(self.spec, opt), create=True
             )
             for opt in self.spec.optimizers
         }
+        for opt, study in self.studies.items():  # seeded by what the study has seen: no replay
+            study.sampler = make_sampler(self.spec, opt, self.index, started_trials(study))
         start_service(self.spec.base.tracking.wandb.mode)
         self.runner = TrialRunner(self.spec, Path(self.out), self.storage, self.guard, self.index)
         self.owner = {**owner_token(), "index": self.index}
@@ -101,7 +101,8 @@ class Worker:
                     break
                 time.sleep(self.poll_s)  # others are running the last trials; theirs may fail
                 continue
-            self.run_one(opt, started)
+            with disk_full_as_error():  # the journal's disk, say: one line, not a traceback
+                self.run_one(opt, started)
         given_up = [opt for opt, c in self.counts().items() if not c.done]
         for opt in given_up:
             self.say(
@@ -114,7 +115,7 @@ class Worker:
         study = self.studies[optimizer]
         with warnings.catch_warnings():  # ask/tell beats via storage.heartbeat(), not optimize()
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed")
-            trial = study.ask()
+            trial = ask_trial(study, self.spec, optimizer, self.index)
         trial.set_user_attr("worker", self.owner)
         trial.set_user_attr("optimizer", optimizer)
         if trials_ahead(study, trial.number) >= self.spec.budget.trials:
@@ -126,7 +127,11 @@ class Worker:
             time.sleep(0.05)
             return SURPLUS
         status = self.runner.run(study, trial, optimizer, started)
-        self.say(_trial_line(optimizer, study._storage.get_trial(trial._trial_id), status))
+        frozen = study._storage.get_trial(trial._trial_id)
+        self.say(_trial_line(optimizer, frozen, status))
+        if frozen.user_attrs.get("reason") == DISK_FULL:  # every next trial would fail alike
+            where = Path(self.out) / frozen.user_attrs.get("trial_dir", "")
+            raise DiskFullError(where, f" ({optimizer} trial {frozen.number} failed)")
         return status
 
 
