@@ -192,7 +192,11 @@ class Budget(Section):
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Optuna pruner stopping weak trials early; none = run all to the end"
     )
-    seed: Seed = Field(0, description="sampler seed (worker k uses seed + k; < 2**31)")
+    seed: Seed = Field(
+        0,
+        description="sampler seed of a fresh sweep's first worker (resumes and other "
+        "workers mix it with a nonce of their own, so none replays another; < 2**31)",
+    )
     match: Literal["epochs", "grad_evals"] = Field(
         "epochs",
         description="what equal budgets mean: equal epochs, or equal gradient evaluations "
