@@ -6,7 +6,9 @@ space is freed a rerun (or ``msam train --resume``) carries on.
 Most tests fill a simulated disk: ``open`` is wrapped so that writes under a folder get a given
 number of bytes, write what fits and then raise ENOSPC, as the kernel does. The last ones mount
 a real 4 MiB tmpfs (a test_resnet checkpoint is 3 MB, so the second one does not fit beside the
-first); they are skipped, with the reason, where mounting is not permitted.
+first); they are skipped, with the reason, where mounting is not permitted. The sweep on it (two
+``msam sweep`` processes, the journal on the full disk too) takes 20 s and is marked slow; the
+in-process trial test covers the same path fast.
 """
 
 from __future__ import annotations
@@ -217,6 +219,7 @@ def test_msam_train_on_a_real_full_disk(small_disk, train_config, msam_cli):
     assert [m["epoch"] for m in whole_lines(out / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_a_sweep_on_a_real_full_disk_resumes_once_space_is_freed(
     small_disk, write_spec, msam_cli, read_trials
 ):
