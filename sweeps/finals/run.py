@@ -134,10 +134,14 @@ def final_tracker(
 
 
 def _note_wandb(folder: Path, tracker: _Guarded | None, *, finished: bool) -> None:
-    """``wandb.json``: the final's W&B run id, and whether its run was finished."""
+    """``wandb.json``: the final's W&B run id, and whether its run was finished.
+
+    A run that W&B never started or could not finish (a warning said why) is recorded as not
+    finished, so the next rerun brings W&B in line with the files instead of trusting it."""
     run_id = getattr(tracker.inner, "run_id", None) if tracker is not None else None
     if isinstance(run_id, str):
-        write_json(folder / WANDB_RUN, {"id": run_id, "finished": finished})
+        closed = finished and not tracker.broken and getattr(tracker.inner, "closed", True)
+        write_json(folder / WANDB_RUN, {"id": run_id, "finished": closed})
 
 
 def _finish_open_wandb_run(
@@ -156,8 +160,7 @@ def _finish_open_wandb_run(
     history = _record(job, dict(summary), "read").history()
     tracker.on_resume(history)
     tracker.finish(summary)
-    if not tracker.broken:
-        _note_wandb(job.dir, tracker, finished=True)
+    _note_wandb(job.dir, tracker, finished=True)
 
 
 # ----------------------------------------------------------------------------- running

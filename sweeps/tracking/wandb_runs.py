@@ -128,6 +128,10 @@ class WandbCallback(Callback):
         self.seconds = 0.0
         self._summary: dict[str, Any] = {}
         self._finished = False
+        #: True once a started run was finished without error: W&B holds what the files hold.
+        #: Stays False when ``wandb.init`` or ``finish`` failed (a warning said so), so an owner
+        #: that records the run's state does not claim a run that W&B never got.
+        self.closed = False
 
     @classmethod
     def from_train_config(cls, config: Any, **kwargs: Any) -> WandbCallback:
@@ -215,6 +219,7 @@ class WandbCallback(Callback):
             _warn("could not write the summary", exc)
         try:
             self.run.finish(exit_code=0 if final.get("status") in (*_OK_STATUSES, None) else 1)
+            self.closed = True
         except Exception as exc:
             _warn("could not finish the run", exc)
         self.seconds += time.perf_counter() - t0

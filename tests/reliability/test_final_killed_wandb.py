@@ -64,16 +64,30 @@ def test_kill_during_flatness_then_rerun_finishes_the_wandb_run(
         "id": recorded["id"],
         "finished": True,
     }
-    # A run killed before W&B wrote its log has a folder and no .wandb file: nothing to read.
-    logged = [p for p in find_offline_runs(out) if list(p.glob("run-*.wandb"))]
-    runs = [read_offline_run(p, wait_s=30) for p in logged]
-    mine = [r for r in runs if r.run_id == recorded["id"]]
-    finished = [r for r in mine if r.exit_code == 0]
-    assert finished, [(r.path.name, r.exit_code) for r in mine]
+    finished = _finished_runs(out, recorded["id"], again.stderr)
     last = finished[-1]
     assert last.summary["test_acc"] == summary["test_acc"]
     assert "hessian_trace" in _flat(last.summary)
     assert [row["epoch"] for row in last.history if "epoch" in row] == [1]
+
+
+def _finished_runs(out, run_id, stderr, wait_s=60.0):
+    """The first offline run of ``run_id`` that W&B finished with exit code 0 (in a list),
+    waiting for its service to write it. The killed run's log may hold only its header."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        seen = []
+        for path in find_offline_runs(out):
+            if not list(path.glob("run-*.wandb")):
+                seen.append((path.name, "no log"))
+                continue
+            run = read_offline_run(path, wait_s=0)
+            seen.append((path.name, run.run_id, run.exit_code))
+            if run.run_id == run_id and run.exit_code == 0:
+                return [run]
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"no finished W&B run {run_id}: {seen}; rerun said: {stderr}")
+        time.sleep(0.5)
 
 
 def _read(path):
@@ -110,3 +124,39 @@ def test_a_done_final_with_an_open_wandb_run_is_finished_by_the_rerun(tmp_path, 
     assert [row["epoch"] for row in runs[-1].history if "epoch" in row] == [1]
     third = run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
     assert third.outcome == "skipped" and len(find_offline_runs(tmp_path)) == 2  # in line now
+
+
+def test_a_finishing_run_that_wandb_cannot_start_stays_open_for_the_next_rerun(
+    tmp_path, monkeypatch
+):
+    """wandb.init failing while a rerun finishes a final's open run (a busy machine, a broken
+    service) is a warning, and wandb.json keeps saying the run is open: the rerun after it
+    finishes the run, instead of the files claiming a W&B run that was never written."""
+    from helpers.finals import make_sweep, spec_of
+
+    from sweeps.finals import FlatnessSettings, run_final
+    from sweeps.finals.plan import plan_finals
+    from sweeps.layout import RunFolder
+    from sweeps.tracking import WandbCallback
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
+    job = next(j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.optimizer == "sgd")
+    off = FlatnessSettings(images=0)
+    assert run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False).outcome == "trained"
+    recorded = json.loads((job.dir / "wandb.json").read_text())
+    (job.dir / "wandb.json").write_text(json.dumps({**recorded, "finished": False}))
+
+    def refuse(self, config):
+        raise TimeoutError("the service did not answer")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WandbCallback, "_init", refuse)
+        with pytest.warns(RuntimeWarning, match="could not start a run"):
+            run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+    assert json.loads((job.dir / "wandb.json").read_text())["finished"] is False
+
+    run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+    assert json.loads((job.dir / "wandb.json").read_text())["finished"] is True
+    runs = [read_offline_run(p, wait_s=30) for p in find_offline_runs(tmp_path)]
+    assert [r.run_id for r in runs] == [recorded["id"]] * 2 and runs[-1].exit_code == 0
