@@ -9,12 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-__all__ = ["AMP_MODES", "CHANNELS_LAST_MODES", "SpeedSettings", "defaults"]
+__all__ = ["AMP_MODES", "CHANNELS_LAST_MODES", "SMALL_INPUT_MODES", "SpeedSettings", "defaults"]
 
 #: Autocast dtypes: none = full precision.
 AMP_MODES: tuple[str, ...] = ("bf16", "fp16", "none")
 #: Memory format of the model and batch: auto = channels-last on CUDA only.
 CHANNELS_LAST_MODES: tuple[str, ...] = ("auto", "on", "off")
+#: ResNet stem: auto = msam's small-input stem (3x3, stride 1, no max-pool) below 64 px; off =
+#: timm's default stem (7x7 stride 2 and a max-pool: 4x smaller feature maps).
+SMALL_INPUT_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class SpeedSettings:
     strategy: str = "all"  # mSAM strategies: all | auto | comma-separated names in msam.STRATEGIES
     rho: float = 0.05  # SAM radius: L2 length of the ascent step
     channels_last: str = "auto"  # one of CHANNELS_LAST_MODES
+    small_input: str = "auto"  # one of SMALL_INPUT_MODES (the ResNet stem)
     threads: int | None = None  # torch CPU threads while measuring; None (or 0) = torch's
     memory: bool = True  # also measure peak memory (one extra step per configuration)
     seed: int = 0  # seed of the weights and of the synthetic batch
@@ -45,6 +49,10 @@ class SpeedSettings:
             raise ValueError(f"micro-batches {bad} do not divide the batch size {self.batch_size}")
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp must be one of {sorted(AMP_MODES)}, got {self.amp!r}")
+        if self.small_input not in SMALL_INPUT_MODES:
+            raise ValueError(
+                f"small_input must be one of {list(SMALL_INPUT_MODES)}, got {self.small_input!r}"
+            )
         if self.channels_last not in CHANNELS_LAST_MODES:
             raise ValueError(
                 f"channels_last must be one of {list(CHANNELS_LAST_MODES)}, "

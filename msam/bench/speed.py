@@ -50,8 +50,13 @@ class _Setup:
 
         s = settings
         torch.manual_seed(s.seed)
+        small = {"auto": "auto", "on": True, "off": False}[s.small_input]
         net = create_model(
-            s.model, num_classes=s.num_classes, in_chans=s.in_chans, img_size=s.img_size
+            s.model,
+            num_classes=s.num_classes,
+            in_chans=s.in_chans,
+            img_size=s.img_size,
+            small_input=small,
         )
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = net.to(device, memory_format=fmt).train()
@@ -81,6 +86,10 @@ class _Setup:
             else:
                 opt.step()
 
+        if strategy == PLAIN_SAM:
+            return self._plain_sam(rho)
+        if strategy == SAM_OPTIMIZER:
+            return self._sam_optimizer(rho)
         if optimizer == "sgd":
 
             def sgd() -> None:
@@ -108,6 +117,56 @@ class _Setup:
 
         return sharp
 
+    def _plain_sam(self, rho: float) -> Callable[[], None]:
+        """SAM's two steps written the obvious way (as most SAM code does it): the floor a user
+        would write by hand. BatchNorm statistics are updated by both passes and there is no
+        loss scaling or non-finite guard: it does less than ``msam.backward`` promises."""
+        model, opt, x, y = self.model, self.optimizer, self.x, self.y
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def plain() -> None:
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            loss.backward()
+            with torch.no_grad():
+                grads = [p.grad for p in params]
+                norm = torch.norm(torch.stack([g.norm(2) for g in grads]), 2)
+                scale = rho / (norm + 1e-12)
+                old = [p.clone() for p in params]
+                for p, g in zip(params, grads, strict=True):
+                    p.add_(g * scale)
+            opt.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            loss.backward()
+            with torch.no_grad():
+                for p, o in zip(params, old, strict=True):
+                    p.copy_(o)
+            opt.step()
+
+        return plain
+
+    def _sam_optimizer(self, rho: float) -> Callable[[], None]:
+        """``msam.SAM``'s two steps, used as davda54/sam's example uses its ``SAM``."""
+        from msam.optim import SAM
+
+        model, x, y = self.model, self.x, self.y
+        sam = SAM(model.parameters(), torch.optim.SGD, rho=rho, **self.optimizer.defaults)
+
+        def two_step() -> None:
+            sam.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            loss.backward()
+            sam.first_step(zero_grad=True)
+            with self.autocast():
+                loss = self.loss_fn(model(x), y)
+            loss.backward()
+            sam.second_step(zero_grad=True)
+
+        return two_step
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -117,13 +176,22 @@ class _Setup:
             p.grad = None
 
 
+#: The SAM rows besides ``msam.backward(m=1)``: two-step SAM written the obvious way (the floor
+#: every other row is compared with, ``ratio_to_plain_sam``) and ``msam.SAM``'s two steps.
+PLAIN_SAM = "plain two-step"
+SAM_OPTIMIZER = "msam.SAM two-step"
+
+
 def _configs(
     setup: _Setup, micro_batches: Sequence[int], strategy: str, rho: float
 ) -> list[dict[str, Any]]:
-    """SGD, SAM, then mSAM for each m > 1 and each requested strategy that is exact here."""
+    """SGD, SAM (``msam.backward``, plain two-step, ``msam.SAM``), then mSAM for each m > 1 and
+    each requested strategy that is exact here."""
     configs: list[dict[str, Any]] = [
         {"optimizer": "sgd", "micro_batches": 1, "strategy": "none"},
         {"optimizer": "sam", "micro_batches": 1, "strategy": "loop"},
+        {"optimizer": "sam", "micro_batches": 1, "strategy": PLAIN_SAM},
+        {"optimizer": "sam", "micro_batches": 1, "strategy": SAM_OPTIMIZER},
     ]
     if strategy == "all":
         names = list(STRATEGIES)
@@ -276,6 +344,7 @@ def _records(
         "device": str(dev),
         "amp": s.amp,
         "channels_last": channels_last,
+        "small_input": s.small_input,
         "rho": s.rho,
         "steps": s.steps,
         "warmup": s.warmup,
@@ -283,22 +352,35 @@ def _records(
     }
     medians = {i: statistics.median(t) for i, t in times.items()}
     sgd = next((medians[i] for i, c in enumerate(configs) if c["optimizer"] == "sgd"), None)
-    sam = next(
-        (medians[i] for i, c in enumerate(configs) if c["optimizer"] == "sam" and i in medians),
-        None,
-    )
+    sam = _median_of(configs, medians, "loop")
+    plain = _median_of(configs, medians, PLAIN_SAM)
     records = []
     for i, c in enumerate(configs):
         rec: dict[str, Any] = {**base, **c, "skipped": c.get("skipped")}
         rec.setdefault("auto_choice", c["optimizer"] != "msam")
         if i in times:
             rec.update(_timing(times[i], medians[i], cpu_times[i], sgd, sam, peaks[i], s, dev))
+            rec["ratio_to_plain_sam"] = medians[i] / plain if plain else None
         if c["strategy"].startswith("graphed_"):
             rec["graph_status"] = _graph_status(setup.model, c["strategy"], c["micro_batches"])
             rec["peak_mem_note"] = "a replay reuses the graph's pool, allocated at capture"
         rec["machine"] = info
         records.append(rec)
     return records
+
+
+def _median_of(
+    configs: list[dict[str, Any]], medians: dict[int, float], strategy: str
+) -> float | None:
+    """The median step time of the (first) SAM row of ``strategy``, if it was timed."""
+    return next(
+        (
+            medians[i]
+            for i, c in enumerate(configs)
+            if c["optimizer"] == "sam" and c["strategy"] == strategy and i in medians
+        ),
+        None,
+    )
 
 
 def _timing(

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from msam.bench.settings import AMP_MODES, CHANNELS_LAST_MODES, defaults
+from msam.bench.settings import AMP_MODES, CHANNELS_LAST_MODES, SMALL_INPUT_MODES, defaults
 from msam.errors import UserError
 from sweeps.cli._common import add_set_option
 
@@ -100,6 +100,12 @@ def _add_speed_options(sp: argparse.ArgumentParser) -> None:
         "--channels-last", default=d["channels_last"], choices=list(CHANNELS_LAST_MODES)
     )
     sp.add_argument(
+        "--small-input",
+        default=d["small_input"],
+        choices=list(SMALL_INPUT_MODES),
+        help="ResNet stem: auto = small-input stem below 64 px; off = timm's default stem",
+    )
+    sp.add_argument(
         "--threads", type=int, default=d["threads"], help="torch CPU threads (default: torch's)"
     )
     sp.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
@@ -126,6 +132,7 @@ def run_speed(args: argparse.Namespace) -> int:
             strategy=args.strategy,
             rho=args.rho,
             channels_last=args.channels_last,
+            small_input=args.small_input,
             threads=args.threads,
             memory=not args.no_memory,
             seed=args.seed,

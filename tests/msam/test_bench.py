@@ -42,7 +42,12 @@ def records(tmp_path_factory) -> list[dict]:
 
 def test_records_have_the_fields(records):
     kinds = [(r["optimizer"], r["micro_batches"], r["strategy"]) for r in records]
-    assert kinds[:2] == [("sgd", 1, "none"), ("sam", 1, "loop")]
+    assert kinds[:4] == [
+        ("sgd", 1, "none"),
+        ("sam", 1, "loop"),
+        ("sam", 1, "plain two-step"),
+        ("sam", 1, "msam.SAM two-step"),
+    ]
     assert {s for o, m, s in kinds if o == "msam"} == {"loop", "fused", "batched"}
     assert {m for o, m, s in kinds if o == "msam"} == {2}
     for r in records:
@@ -58,16 +63,45 @@ def test_records_have_the_fields(records):
 
 def test_ratios_come_from_the_same_run(records):
     sgd = next(r for r in records if r["optimizer"] == "sgd")["step_ms_median"]
-    sam = next(r for r in records if r["optimizer"] == "sam")["step_ms_median"]
+    sam = next(r for r in records if r["strategy"] == "loop")["step_ms_median"]
+    plain = next(r for r in records if r["strategy"] == "plain two-step")["step_ms_median"]
     for r in records:
         assert r["ratio_to_sgd"] == pytest.approx(r["step_ms_median"] / sgd, rel=1e-12)
         assert r["ratio_to_sam"] == pytest.approx(r["step_ms_median"] / sam, rel=1e-12)
+        assert r["ratio_to_plain_sam"] == pytest.approx(r["step_ms_median"] / plain, rel=1e-12)
+
+
+@pytest.mark.parametrize("strategy", ["plain two-step", "msam.SAM two-step"])
+def test_the_two_step_rows_take_the_sam_step(strategy):
+    """The rows the others are compared with do SAM's work: after one update from the same
+    weights, the parameters equal those of ``msam.backward(m=1)`` and the same SGD step."""
+    import torch
+
+    from msam.bench.speed import _Setup
+
+    settings = bench.SpeedSettings(model="test_resnet", batch_size=8, img_size=16)
+    ours = _Setup(settings, torch.device("cpu"), channels_last=False)
+    theirs = _Setup(settings, torch.device("cpu"), channels_last=False)
+    ours.step_fn("sam", 1, "loop", 0.05)()
+    theirs.step_fn("sam", 1, strategy, 0.05)()
+    for a, b in zip(ours.model.parameters(), theirs.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [not torch.equal(a, b) for a, b in zip(ours.model.parameters(), _fresh(settings))]
+    assert any(moved)
+
+
+def _fresh(settings):
+    import torch
+
+    from msam.bench.speed import _Setup
+
+    return list(_Setup(settings, torch.device("cpu"), channels_last=False).model.parameters())
 
 
 def test_table_prints_every_row(records, capsys):
     bench.print_table(records)
     out = capsys.readouterr().out
-    assert out.count("msam") == 3 and "xSAM" in out
+    assert out.count("msam ") == 3 and "xSAM" in out and "xplain" in out
 
 
 def test_markdown_table_of_a_results_file(records, tmp_path):
@@ -120,7 +154,8 @@ def test_every_option_reaches_the_settings(settings_seen, tmp_path):
         "bench", "speed", "--model", "vit_tiny", "--img-size", "24", "--in-chans", "1",
         "--num-classes", "7", "--batch-size", "12", "--micro-batches", "1,3,6", "--steps", "4",
         "--warmup", "0", "--device", "cuda:1", "--amp", "bf16", "--strategy", "loop,fused",
-        "--rho", "0.2", "--channels-last", "off", "--threads", "3", "--no-memory",
+        "--rho", "0.2", "--channels-last", "off", "--small-input", "off", "--threads", "3",
+        "--no-memory",
         "--seed", "5", "--json", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
@@ -139,6 +174,7 @@ def test_every_option_reaches_the_settings(settings_seen, tmp_path):
             strategy="loop,fused",
             rho=0.2,
             channels_last="off",
+            small_input="off",
             threads=3,
             memory=False,
             seed=5,
@@ -242,6 +278,8 @@ def test_bench_speed_runs_without_optuna_and_wandb(tmp_path):
     rows = json.loads(out.read_text())
     assert [(r["optimizer"], r["micro_batches"]) for r in rows] == [
         ("sgd", 1),
+        ("sam", 1),
+        ("sam", 1),
         ("sam", 1),
         ("msam", 2),
     ]
