@@ -17,6 +17,7 @@ from msam.flatness import (
     hessian_top_eigenvalue,
     hessian_trace,
     sam_sharpness,
+    top_eigenvalue,
 )
 
 DT = torch.float64
@@ -129,6 +130,39 @@ def test_top_eigenvalue_default_tolerance_is_close():
     a = spd(6, [5.0, 2.0, 1.0, 0.5, 0.2, 0.1])
     got = hessian_top_eigenvalue(quadratic(a), output_is_loss, QUAD_BATCHES)
     assert got == pytest.approx(5.0, rel=1e-2)
+
+
+def test_lanczos_certifies_close_eigenvalues_in_few_products():
+    """Top two eigenvalues 2% apart: power iteration needs hundreds of products for 1e-6; Lanczos
+    needs at most the dimension, and its residual bounds the error of what it returns."""
+    a = spd(40, [5.0, 4.9, *torch.linspace(0.1, 3.0, 38).tolist()], seed=4)
+    top = top_eigenvalue(quadratic(a), output_is_loss, QUAD_BATCHES, iters=40, tol=1e-8)
+    assert top.converged and top.iters <= 40
+    assert top.value == pytest.approx(5.0, rel=1e-7)
+    assert abs(top.value - 5.0) <= top.residual + 1e-12
+
+
+def test_lanczos_says_when_it_ran_out_of_products():
+    a = spd(40, [5.0, 4.9, *torch.linspace(0.1, 3.0, 38).tolist()], seed=4)
+    top = top_eigenvalue(quadratic(a), output_is_loss, QUAD_BATCHES, iters=3, tol=1e-10)
+    assert not top.converged and top.iters == 3
+    assert top.residual > 1e-10 * abs(top.value)
+    assert abs(top.value - 5.0) <= top.residual + 1e-12  # still a valid bound
+
+
+def test_one_batch_reuses_its_graph_with_the_same_values():
+    """A sample of one batch keeps its gradient graph for every product; split into batches it is
+    rebuilt per product: the metrics agree to rounding."""
+    net, whole = tiny_net(), tiny_batches((8,))
+    split = tiny_batches((5, 3))
+    kw = dict(rho=0.1, iters=30, samples=4, seed=2, tol=1e-10)
+    one = flatness_report(net, F.cross_entropy, whole, **kw)
+    two = flatness_report(net, F.cross_entropy, split, **kw)
+    for key in ("hessian_top_eig", "hessian_trace", "hessian_trace_stderr", "sam_sharpness"):
+        assert one[key] == pytest.approx(two[key], rel=1e-9), key
+    assert one["hessian_top_eig_converged"] and one["hessian_top_eig_iters"] <= 30
+    exact = torch.linalg.eigvalsh(exact_hessian(net, whole))
+    assert one["hessian_top_eig"] == pytest.approx(largest_magnitude(exact), rel=1e-8)
 
 
 def test_trace_is_exact_for_diagonal_hessian():
