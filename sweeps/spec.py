@@ -251,7 +251,15 @@ class Flatness(Section):
         20,
         ge=1,
         le=10_000,
-        description="power-iteration steps (Hessian-vector products), top eigenvalue (<= 10000)",
+        description="at most this many Lanczos steps (Hessian-vector products) for the top "
+        "eigenvalue; fewer once it is certified to tol (<= 10000)",
+    )
+    tol: Float = Field(
+        1e-3,
+        gt=0,
+        lt=1,
+        description="relative accuracy at which the top eigenvalue counts as converged "
+        "(Lanczos residual bound)",
     )
     samples: Int = Field(
         10, ge=1, le=10_000, description="Rademacher probes of Hutchinson's trace (<= 10000)"

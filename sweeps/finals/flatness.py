@@ -2,8 +2,9 @@
 
 Every model is measured on one fixed, unaugmented sample of its final training set (train +
 validation), the same for every run of a sweep, with ``msam.flatness.flatness_report``: the top
-Hessian eigenvalue (power iteration), the Hessian trace (Hutchinson) and SAM's sharpness
-``L(w + eps) - L(w)`` at radius rho (Foret et al., 2021). How hard to look is the spec's
+Hessian eigenvalue (Lanczos, with a convergence flag), the Hessian trace (Hutchinson, deflated by
+the Lanczos vectors) and SAM's sharpness ``L(w + eps) - L(w)`` at radius rho (Foret et al.,
+2021). How hard to look is the spec's
 ``final.flatness`` section (:class:`sweeps.spec.Flatness`).
 """
 
@@ -25,7 +26,8 @@ class FlatnessSettings:
 
     images: int = Flatness().images  # fixed, unaugmented training images (0 = no flatness)
     batch_size: int = Flatness().batch_size  # images per Hessian-vector-product batch
-    iters: int = Flatness().iters  # power-iteration steps for the top eigenvalue
+    iters: int = Flatness().iters  # at most this many Lanczos steps for the top eigenvalue
+    tol: float = Flatness().tol  # Lanczos stops once the eigenvalue is certified to this (relative)
     samples: int = Flatness().samples  # Rademacher probes of Hutchinson's trace estimate
     seed: int = Flatness().seed  # picks the images and the probes; the same for every run
 
@@ -36,6 +38,7 @@ class FlatnessSettings:
             images=section.images,
             batch_size=section.batch_size,
             iters=section.iters,
+            tol=section.tol,
             samples=section.samples,
             seed=section.seed,
         )
@@ -115,6 +118,7 @@ def measure_flatness(
         batches,
         rho=rho,
         iters=settings.iters,
+        tol=settings.tol,
         samples=settings.samples,
         seed=settings.seed,
         adaptive=adaptive,

@@ -375,6 +375,27 @@ CASES: list[tuple[str, str, dict[str, Any] | str, list[str], list[str]]] = [
         ["final.flatness.iters", "less than or equal to 10000"],
     ),
     (
+        "flatness-tol-zero",
+        "sweep",
+        {},
+        ["final.flatness.tol=0"],
+        ["final.flatness.tol", "greater than 0"],
+    ),
+    (
+        "flatness-tol-one",
+        "sweep",
+        {},
+        ["final.flatness.tol=1"],
+        ["final.flatness.tol", "less than 1"],
+    ),
+    (
+        "flatness-tol-nan",
+        "sweep",
+        {},
+        ["final.flatness.tol=.nan"],
+        ["final.flatness.tol"],
+    ),
+    (
         "flatness-samples",
         "sweep",
         {},
