@@ -4,8 +4,7 @@ Every model is measured on one fixed, unaugmented sample of its final training s
 validation), the same for every run of a sweep, with ``msam.flatness.flatness_report``: the top
 Hessian eigenvalue (Lanczos, with a convergence flag), the Hessian trace (Hutchinson, deflated by
 the Lanczos vectors) and SAM's sharpness ``L(w + eps) - L(w)`` at radius rho (Foret et al.,
-2021). How hard to look is the spec's
-``final.flatness`` section (:class:`sweeps.spec.Flatness`).
+2021). How hard to look is the spec's ``final.flatness`` section (:class:`sweeps.spec.Flatness`).
 """
 
 from __future__ import annotations
