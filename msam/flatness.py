@@ -326,7 +326,7 @@ def _hutchinson_samples(
 
 
 def _deflated_hutchinson(
-    hessian: Callable[[Sequence[Tensor]], list[Tensor]],
+    hessian: _Hessian,
     params: Sequence[Tensor],
     krylov: _Krylov,
     samples: int,
@@ -346,15 +346,28 @@ def _deflated_hutchinson(
         raise ValueError(f"samples must be >= 1, got {samples}")
     gen = torch.Generator().manual_seed(int(seed))
     vector_seeds = torch.randint(0, 2**62, (samples,), generator=gen).tolist()
-    inside = sum(krylov.alphas)
-    estimates = []
-    for vector_seed in vector_seeds:
-        vec = _random_vector(params, gen.manual_seed(vector_seed), "rademacher")
+
+    def probe(k: int) -> list[Tensor]:  # P v_k, made again where needed: one lives at a time
+        vec = _random_vector(params, gen.manual_seed(vector_seeds[k]), "rademacher")
         for _ in range(2):
             for q in krylov.basis:
                 torch._foreach_add_(vec, q, alpha=-_dot(vec, q))
-        estimates.append(inside + _dot(vec, hessian(vec)))
-    return estimates
+        return vec
+
+    outside = [0.0] * samples
+    if hessian.holds_graph:
+        for k in range(samples):
+            vec = probe(k)
+            outside[k] = _dot(vec, hessian(vec))
+    else:  # batches outermost: each batch's graph is built once and serves every probe
+        with torch.enable_grad():
+            for loss in _weighted_losses(hessian.model, hessian.loss_fn, hessian.batches):
+                grads = _grads(loss, params, create_graph=True)
+                for k in range(samples):
+                    vec = probe(k)
+                    outside[k] += _dot(vec, _hvp_of(grads, params, vec))
+    inside = sum(krylov.alphas)
+    return [inside + value for value in outside]
 
 
 def hessian_trace(

@@ -325,7 +325,25 @@ def run_final(
         rho, adaptive = flatness_rho(spec, job.cfg), job.cfg.optim.adaptive
 
         def measure(model: Any) -> dict[str, Any]:
-            return measure_flatness(model, sample, rho=rho, adaptive=adaptive, settings=settings)
+            label = f"final {final_label(job.optimizer, job.rank)} seed{job.seed}"
+            if verbose:
+                print(
+                    f"{label}: measuring flatness ({sum(len(b[1]) for b in sample)} images, at "
+                    f"most {settings.iters} Lanczos steps, {settings.samples} trace probes)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            report = measure_flatness(model, sample, rho=rho, adaptive=adaptive, settings=settings)
+            if verbose:
+                converged = "" if report.get("hessian_top_eig_converged") else ", NOT converged"
+                print(
+                    f"{label}: flatness in {report['seconds']:.1f} s (top eigenvalue "
+                    f"{report['hessian_top_eig']:.4g} after {report['hessian_top_eig_iters']} "
+                    f"steps{converged})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return report
 
     retire_stale([job], run)
     done = _finish_done(job, measure, settings)

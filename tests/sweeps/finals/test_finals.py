@@ -189,6 +189,20 @@ def test_other_flatness_settings_measure_again_without_training(tiny_sweep, tmp_
     assert [r.outcome for r in again] == ["skipped"] * 6
 
 
+def test_flatness_shows_its_progress_and_cost(tiny_sweep, tmp_path, capsys):
+    """Measuring flatness is announced before it starts and reported with its seconds and the
+    Lanczos outcome, so a long measurement never looks like a hang."""
+    run_dir = copy_sweep(tiny_sweep, tmp_path)
+    spec = spec_of(**{"final.flatness.iters": 4})
+    run_finals(SweepRun.create(spec, out=run_dir), journal(run_dir))
+    err = capsys.readouterr().err
+    starts = [line for line in err.splitlines() if "measuring flatness" in line]
+    ends = [line for line in err.splitlines() if ": flatness in " in line]
+    assert len(starts) == len(ends) == 6
+    assert "final sgd seed0: measuring flatness (" in err and "at most 4 Lanczos steps" in err
+    assert all("top eigenvalue" in line and "after" in line for line in ends)
+
+
 def test_better_trial_replaces_a_stale_final(tiny_sweep, tmp_path):
     run_dir = copy_sweep(tiny_sweep, tmp_path)
     spec = tiny_sweep.spec
