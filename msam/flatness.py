@@ -9,7 +9,9 @@ flatter minima than SGD. These metrics let a sweep check that claim on its own f
   it is accurate (``tol``). Lanczos needs far fewer products than the power iteration of PyHessian
   (Yao et al., 2020) for the same accuracy, and its residual certifies the value it returns.
 - ``hessian_trace``: Hutchinson's estimator (Hutchinson, 1989) ``tr(H) = E[v^T H v]`` with
-  Rademacher vectors ``v``.
+  Rademacher vectors ``v``. ``flatness_report`` deflates it by the Lanczos vectors it already has
+  (their part of the trace is exact, the probes estimate the rest), which cuts its standard error
+  several times for the same number of probes (Meyer et al., 2021, "Hutch++").
 - ``sam_sharpness``: SAM's own quantity ``L(w + eps) - L(w)`` with ``eps = rho g / ||g||``
   (Foret et al., 2021), ``g`` the gradient over the whole sample.
 
