@@ -78,10 +78,17 @@ class SAM(torch.optim.Optimizer):
                     for group, ps in groups
                 ]
             )
+            # On the CPU reading the norm costs nothing: a non-finite one skips the step outright,
+            # saving a pass over every parameter; elsewhere a device-side select avoids a sync.
+            on_host = norm.device.type == "cpu"
+            finite = bool(torch.isfinite(norm)) if on_host else True
             for (_, ps), eps in zip(groups, steps, strict=True):
                 for p, old in zip(ps, clone_all(ps), strict=True):
                     self.state[p]["old_p"] = old
-                torch._foreach_add_(ps, zero_unless_finite(eps, norm))
+                if not on_host:
+                    torch._foreach_add_(ps, zero_unless_finite(eps, norm))
+                elif finite:
+                    torch._foreach_add_(ps, eps)
         # Autocast caches low-precision weight copies per region: drop them, or a perturbed pass
         # in the same region would run at the unperturbed weights.
         torch.clear_autocast_cache()
@@ -91,11 +98,13 @@ class SAM(torch.optim.Optimizer):
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Return to ``w`` bitwise and let the base optimizer step with the gradient at w + eps."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                old = self.state[p].pop("old_p", None)
-                if old is not None:
-                    p.copy_(old)
+        moved = [
+            (p, self.state[p].pop("old_p", None)) for g in self.param_groups for p in g["params"]
+        ]
+        moved = [(p, old) for p, old in moved if old is not None]
+        if moved:
+            targets, sources = zip(*moved, strict=True)
+            torch._foreach_copy_(list(targets), list(sources))
         torch.clear_autocast_cache()
         self.base_optimizer.step()
         # The update is done: tell torch's LR schedulers (which watch ``step``) that it happened.
