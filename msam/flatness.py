@@ -13,7 +13,8 @@ flatter minima than SGD. These metrics let a sweep check that claim on its own f
   (their part of the trace is exact, the probes estimate the rest), which cuts its standard error
   several times for the same number of probes (Meyer et al., 2021, "Hutch++").
 - ``sam_sharpness``: SAM's own quantity ``L(w + eps) - L(w)`` with ``eps = rho g / ||g||``
-  (Foret et al., 2021), ``g`` the gradient over the whole sample.
+  (Foret et al., 2021), ``g`` the gradient over the whole sample; ``sharpness_profile`` measures
+  it at common radii, plain and adaptive (scale-invariant), so that models compare.
 
 The loss is the mean over all images of the sample (batches weighted by size), measured with the
 model in eval mode so that BatchNorm uses its running statistics and the loss is a deterministic
@@ -46,8 +47,11 @@ __all__ = [
     "flatness_report",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "radius_key",
     "sam_sharpness",
+    "sharpness_profile",
     "top_eigenvalue",
+    "weight_norm",
 ]
 
 
@@ -409,26 +413,66 @@ def sam_sharpness(
     """
     if rho < 0:
         raise ValueError(f"rho must be >= 0, got {rho}")
+    profile = sharpness_profile(model, loss_fn, batches, radii=[rho], adaptive=[adaptive])
+    return profile[adaptive][float(rho)]
+
+
+def sharpness_profile(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Batch],
+    *,
+    radii: Sequence[float],
+    adaptive: Sequence[bool] = (False, True),
+) -> dict[bool, dict[float, float]]:
+    """SAM sharpness ``L(w + eps) - L(w)`` at each radius, plain and/or adaptive.
+
+    The same radii for every model make the values comparable: at its own tuned rho each model's
+    sharpness says more about rho than about the minimum. Adaptive sharpness (ASAM's step,
+    ``eps = rho |w|^2 g / || |w| g ||``) does not change when a BatchNorm-followed layer's
+    weights are rescaled, which leaves the function unchanged but moves the Hessian and the plain
+    sharpness (Kwon et al., 2021; Andriushchenko et al., 2023, "A Modern Look at the
+    Relationship between Sharpness and Generalization"). One gradient and one unperturbed loss
+    serve every radius; the parameters are copied back bitwise, ``.grad`` is not touched.
+    Returns ``{adaptive: {rho: sharpness}}``.
+    """
+    if any(r < 0 for r in radii):
+        raise ValueError(f"radii must be >= 0, got {list(radii)}")
     batches = _check_batches(batches)
+    out: dict[bool, dict[float, float]] = {bool(a): {} for a in adaptive}
     with _measuring(model) as params:
         if not params:
-            return 0.0
+            return {a: {float(r): 0.0 for r in radii} for a in out}
         grads = [torch.zeros_like(p) for p in params]
         with torch.enable_grad():
             for loss in _weighted_losses(model, loss_fn, batches):
                 torch._foreach_add_(grads, _grads(loss, params))
         base = _sample_loss(model, loss_fn, batches)
-        eps, _ = perturbation(params, grads, rho, adaptive)
         saved = [p.detach().clone() for p in params]
         try:
-            with torch.no_grad():
-                torch._foreach_add_(params, eps)
-            perturbed = _sample_loss(model, loss_fn, batches)
+            for scaled in out:
+                for rho in radii:
+                    eps, _ = perturbation(params, grads, float(rho), scaled)
+                    with torch.no_grad():
+                        torch._foreach_add_(params, eps)
+                    out[scaled][float(rho)] = _sample_loss(model, loss_fn, batches) - base
+                    with torch.no_grad():
+                        torch._foreach_copy_(params, saved)
         finally:
             with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
-    return perturbed - base
+                torch._foreach_copy_(params, saved)
+    return out
+
+
+def radius_key(rho: float) -> str:
+    """How a radius names its sharpness in reports and summaries: ``0.05`` -> ``"0.05"``."""
+    return f"{float(rho):g}"
+
+
+def weight_norm(model: nn.Module) -> float:
+    """The L2 norm of all trainable parameters together (sharpness grows as it shrinks)."""
+    params = trainable_parameters(model)
+    return _norm([p.detach() for p in params]) if params else 0.0
 
 
 def flatness_report(
@@ -442,8 +486,14 @@ def flatness_report(
     seed: int = 0,
     adaptive: bool = False,
     tol: float = 1e-3,
+    radii: Sequence[float] = (),
 ) -> dict[str, Any]:
     """All flatness metrics of one model on one sample, as a flat dict ready to log.
+
+    ``sam_sharpness`` is measured at ``rho`` (with ``adaptive``); ``radii`` adds ``sharpness``
+    and ``adaptive_sharpness`` at each of those radii (``{"0.05": value}``), the same for every
+    model, with the ``weight_norm`` and the BatchNorm mode the curvature was measured in
+    (``bn_mode``: eval, running statistics).
 
     ``hessian_trace_stderr`` is the standard error of the Hutchinson mean (None for one sample):
     two models' traces closer than a few of these are not told apart by this sample of vectors.
@@ -468,7 +518,7 @@ def flatness_report(
     if len(estimates) > 1:
         var = sum((e - mean) ** 2 for e in estimates) / (len(estimates) - 1)
         stderr = math.sqrt(var / len(estimates))
-    return {
+    report: dict[str, Any] = {
         "hessian_top_eig": top.value,
         "hessian_top_eig_iters": top.iters,
         "hessian_top_eig_converged": top.converged,
@@ -478,7 +528,14 @@ def flatness_report(
         "sam_sharpness": sam_sharpness(model, loss_fn, batches, rho=rho, adaptive=adaptive),
         "rho": float(rho),
         "n_images": sum(int(x.shape[0]) for x, _ in batches),
+        "bn_mode": "eval",
+        "weight_norm": weight_norm(model),
     }
+    if radii:
+        profile = sharpness_profile(model, loss_fn, batches, radii=radii)
+        for scaled, key in ((False, "sharpness"), (True, "adaptive_sharpness")):
+            report[key] = {radius_key(r): v for r, v in profile[scaled].items()}
+    return report
 
 
 def _batched(x: Tensor, y: Tensor, batch_size: int) -> list[Batch]:

@@ -264,7 +264,21 @@ class Flatness(Section):
     samples: Int = Field(
         10, ge=1, le=10_000, description="Rademacher probes of Hutchinson's trace (<= 10000)"
     )
+    radii: list[Float] = Field(
+        [0.01, 0.05, 0.1],
+        min_length=1,
+        max_length=16,
+        description="radii at which every final's sharpness is measured, plain and adaptive, "
+        "the same for all optimizers (each > 0; 1 to 16 of them)",
+    )
     seed: Seed = Field(0, description="picks the images and probes; the same for every run")
+
+    @field_validator("radii")
+    @classmethod
+    def _positive_radii(cls, value: list[float]) -> list[float]:
+        if any(r <= 0 for r in value):
+            raise ValueError(f"every radius must be > 0, got {value}")
+        return sorted(set(value))
 
 
 class FinalStage(Section):

@@ -27,8 +27,9 @@ COLUMNS += ["xplain", "peak MB"]
 
 def _title(records: Sequence[dict[str, Any]]) -> str:
     head = records[0] if records else {}
+    stem = f" small_input={head['small_input']}" if head.get("small_input") else ""
     return (
-        f"{head.get('model')} {head.get('img_size')}px batch {head.get('batch_size')} "
+        f"{head.get('model')} {head.get('img_size')}px{stem} batch {head.get('batch_size')} "
         f"on {head.get('machine', {}).get('device_name')} amp={head.get('amp')}"
     )
 

@@ -28,6 +28,7 @@ class FlatnessSettings:
     iters: int = Flatness().iters  # at most this many Lanczos steps for the top eigenvalue
     tol: float = Flatness().tol  # Lanczos stops once the eigenvalue is certified to this (relative)
     samples: int = Flatness().samples  # Rademacher probes of Hutchinson's trace estimate
+    radii: tuple[float, ...] = tuple(Flatness().radii)  # common radii of sharpness, every final
     seed: int = Flatness().seed  # picks the images and the probes; the same for every run
 
     @classmethod
@@ -39,12 +40,18 @@ class FlatnessSettings:
             iters=section.iters,
             tol=section.tol,
             samples=section.samples,
+            radii=tuple(section.radii),
             seed=section.seed,
         )
 
     @property
     def enabled(self) -> bool:
         return self.images > 0
+
+    def record(self) -> dict[str, Any]:
+        """The settings as a final's summary.json records them (lists, not tuples), so that a
+        rerun can tell whether a final was measured with these."""
+        return {**asdict(self), "radii": list(self.radii)}
 
 
 def flatness_rho(spec: SweepSpec, cfg: Any) -> float:
@@ -118,12 +125,13 @@ def measure_flatness(
         rho=rho,
         iters=settings.iters,
         tol=settings.tol,
+        radii=settings.radii,
         samples=settings.samples,
         seed=settings.seed,
         adaptive=adaptive,
     )
     report["iters"] = settings.iters
     report["samples"] = settings.samples
-    report["settings"] = asdict(settings)  # a rerun with other settings measures again
+    report["settings"] = settings.record()  # a rerun with other settings measures again
     report["seconds"] = time.perf_counter() - start
     return report

@@ -18,7 +18,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +235,7 @@ def _finish_done(
         return None
     flat = summary.get("flatness")
     # Summaries written before the settings were recorded keep their values.
-    stale = isinstance(flat, dict) and flat.get("settings", asdict(settings)) != asdict(settings)
+    stale = isinstance(flat, dict) and flat.get("settings", settings.record()) != settings.record()
     if summary["status"] == "diverged" or measure is None or (flat is not None and not stale):
         return _record(job, summary, "skipped")
     model = _model_from_checkpoint(job.cfg, folder)

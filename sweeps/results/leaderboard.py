@@ -26,6 +26,7 @@ from typing import Any
 from sweeps.budget import grad_evals_of
 from sweeps.results.read import FinalRecord, SweepResults, json_safe, mean_of, package_versions
 from sweeps.results.stats import PairedDiff, Summary, compare_optimizers, summarize
+from sweeps.spec import Flatness
 from sweeps.studies import study_name
 
 __all__ = [
@@ -34,16 +35,25 @@ __all__ = [
     "Leaderboard",
     "Row",
     "build_leaderboard",
+    "flatness_value",
     "markdown_text",
+    "sharpness_radius",
+    "spec_radii",
     "text_line",
 ]
 
 #: Flatness metrics shown, with their column titles (means over a configuration's seeds).
+#: Sharpness is shown at one radius common to every optimizer (``SHARPNESS_RADIUS`` when the spec
+#: measures it): at each run's own rho it would say more about rho than about the minimum.
 FLATNESS_KEYS: dict[str, str] = {
     "hessian_top_eig": "top eig",
     "hessian_trace": "trace",
-    "sam_sharpness": "SAM sharpness",
+    "sharpness": "sharpness",
+    "adaptive_sharpness": "adaptive",
 }
+#: Recorded in leaderboard.json beside FLATNESS_KEYS, not shown: SAM sharpness at each run's rho.
+RECORDED_FLATNESS_KEYS: tuple[str, ...] = ("sam_sharpness",)
+SHARPNESS_RADIUS = 0.05
 PARAM_KEYS: dict[str, str] = {"lr": "lr", "rho": "rho", "micro_batches": "m"}
 NO_FINALS = (
     "No final runs yet: tuning results only (validation accuracy; the test set is untouched)."
@@ -66,6 +76,7 @@ class Row:
     not_complete: dict[str, int] = field(default_factory=dict)
     flatness: dict[str, float | None] = field(default_factory=dict)
     flatness_rho: float | None = None
+    sharpness_radius: float | None = None
     seconds: float | None = None
     grad_evals_per_update: int | None = None
     images_per_s: float | None = None
@@ -100,7 +111,11 @@ class Row:
             "test_acc": test,
             "seeds": self.seeds,
             "finals_not_complete": self.not_complete,
-            "flatness": {**self.flatness, "rho": self.flatness_rho},
+            "flatness": {
+                **self.flatness,
+                "rho": self.flatness_rho,
+                "sharpness_radius": self.sharpness_radius,
+            },
             "seconds": self.seconds,
             "grad_evals_per_update": self.grad_evals_per_update,
             "images_per_s": self.images_per_s,
@@ -165,7 +180,11 @@ class Leaderboard:
     def columns(self) -> list[str]:
         cols = ["#", "optimizer", "lr", "rho", "m", "val acc %", "trials c/p/f"]
         cols += ["test acc %", "95% CI", "seeds"]
-        cols += list(FLATNESS_KEYS.values())
+        radius = next((r.sharpness_radius for r in self.rows if r.sharpness_radius), None)
+        cols += [
+            f"{title}@{radius:g}" if key.endswith("sharpness") and radius else title
+            for key, title in FLATNESS_KEYS.items()
+        ]
         cols += ["seconds", "grad evals/update", "images/s"]
         return cols
 
@@ -307,7 +326,38 @@ def _diff_json(d: PairedDiff) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building
 
 
-def _final_block(row: Row, finals: Sequence[FinalRecord]) -> None:
+def spec_radii(results: SweepResults) -> list[float]:
+    """The radii the sweep's finals measure sharpness at (the spec's default without a spec)."""
+    spec = results.spec
+    return list(spec.final.flatness.radii if spec is not None else Flatness().radii)
+
+
+def sharpness_radius(radii: Sequence[float]) -> float:
+    """The radius the leaderboard shows sharpness at: ``SHARPNESS_RADIUS`` if the spec measures
+    it, else the middle one of the spec's radii."""
+    ordered = sorted(radii)
+    return SHARPNESS_RADIUS if SHARPNESS_RADIUS in ordered else ordered[len(ordered) // 2]
+
+
+def flatness_value(flatness: dict[str, Any], key: str, radius: float | None) -> Any:
+    """A final's flatness metric; sharpness (recorded per radius) at ``radius``."""
+    if key in ("sharpness", "adaptive_sharpness"):
+        by_radius = flatness.get(key)
+        if not isinstance(by_radius, dict) or radius is None:
+            return None
+        # Keys are the radii as text ("0.05"): matched as numbers, not by spelling.
+        return next((v for k, v in by_radius.items() if _same_radius(k, radius)), None)
+    return flatness.get(key)
+
+
+def _same_radius(key: str, radius: float) -> bool:
+    try:
+        return math.isclose(float(key), radius, rel_tol=1e-9)
+    except ValueError:
+        return False
+
+
+def _final_block(row: Row, finals: Sequence[FinalRecord], radius: float | None = None) -> None:
     """Fill a row's test, flatness and cost columns from its final runs."""
     done = [f for f in finals if f.test_acc is not None]
     row.seeds = sorted(f.seed for f in done)
@@ -317,8 +367,10 @@ def _final_block(row: Row, finals: Sequence[FinalRecord]) -> None:
     if done:
         accuracies = [f.test_acc for f in sorted(done, key=lambda f: f.seed)]
         row.test = summarize(accuracies, bounds=(0.0, 1.0))
-        for key in FLATNESS_KEYS:
-            row.flatness[key] = mean_of(f.flatness.get(key) for f in done)
+        for key in (*FLATNESS_KEYS, *RECORDED_FLATNESS_KEYS):
+            row.flatness[key] = mean_of(flatness_value(f.flatness, key, radius) for f in done)
+        if row.flatness.get("sharpness") is not None:
+            row.sharpness_radius = radius
         rhos = {f.flatness.get("rho") for f in done if f.flatness.get("rho") is not None}
         row.flatness_rho = rhos.pop() if len(rhos) == 1 else None
         row.seconds = mean_of(f.summary.get("seconds") for f in done)
@@ -373,7 +425,7 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
                     f"{row.label}: finals are of trial {job.get('trial')}, but the study's rank "
                     f"{rank} is now trial {trial.number}; rerun the final stage to update them"
                 )
-            _final_block(row, finals)
+            _final_block(row, finals, sharpness_radius(spec_radii(results)))
             rows.append(row)
     for label, trial in dict.fromkeys((f.label, f.trial) for f in results.set_aside):
         seeds = [f.seed for f in results.set_aside if (f.label, f.trial) == (label, trial)]

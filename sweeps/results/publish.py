@@ -122,6 +122,8 @@ def _wandb_summary(board: Leaderboard, data: Mapping[str, Any]) -> dict[str, Any
         summary[f"{key}/p_value"] = d.p_adjusted if d.p_adjusted is not None else d.p_value
         summary[f"{key}/significant"] = d.significant
         summary[f"{key}/verdict"] = d.verdict
+    radii = {r.sharpness_radius for r in board.rows if r.sharpness_radius is not None}
+    summary["sharpness_radius"] = radii.pop() if len(radii) == 1 else None
     summary["headline"] = " ".join(board.headline())
     return {k: v for k, v in summary.items() if v is not None}
 

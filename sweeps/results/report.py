@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from msam.files import atomic_write
+from sweeps.results.leaderboard import flatness_value, sharpness_radius, spec_radii
 from sweeps.results.read import SweepResults
 
 __all__ = ["build_figures", "render_report", "write_report"]
@@ -32,7 +33,8 @@ PARAM_TITLES = {"lr": "learning rate", "rho": "rho", "micro_batches": "micro-bat
 FLATNESS_TITLES = {
     "hessian_top_eig": "top Hessian eigenvalue",
     "hessian_trace": "Hessian trace",
-    "sam_sharpness": "SAM sharpness",
+    "sharpness": "sharpness",
+    "adaptive_sharpness": "adaptive sharpness",
 }
 
 
@@ -363,16 +365,25 @@ def flatness_figure(results: SweepResults) -> Section:
         section.note = "No final runs with flatness metrics yet."
         return section
     keys = list(FLATNESS_TITLES)
-    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=[FLATNESS_TITLES[k] for k in keys])
+    radius = sharpness_radius(spec_radii(results))
+    titles = [
+        f"{FLATNESS_TITLES[k]} at rho {radius:g}" if k.endswith("sharpness") else FLATNESS_TITLES[k]
+        for k in keys
+    ]
+    fig = make_subplots(rows=1, cols=len(keys), subplot_titles=titles)
     shown: set[str] = set()
     for col, key in enumerate(keys, start=1):
         for label in dict.fromkeys(f.label for f in finals):
-            group = [f for f in finals if f.label == label and f.flatness.get(key) is not None]
+            group = [
+                f
+                for f in finals
+                if f.label == label and flatness_value(f.flatness, key, radius) is not None
+            ]
             if not group:
                 continue
             fig.add_trace(
                 go.Scatter(
-                    x=[f.flatness[key] for f in group],
+                    x=[flatness_value(f.flatness, key, radius) for f in group],
                     y=[f.test_acc * 100 for f in group],
                     mode="markers",
                     name=label,
@@ -385,7 +396,7 @@ def flatness_figure(results: SweepResults) -> Section:
                 col=col,
             )
             shown.add(label)
-        fig.update_xaxes(title_text=FLATNESS_TITLES[key], row=1, col=col)
+        fig.update_xaxes(title_text=titles[col - 1], row=1, col=col)
     fig.update_yaxes(title_text="test accuracy (%)", row=1, col=1)
     fig.update_layout(height=420)
     section.figure = fig

@@ -16,7 +16,9 @@ from msam.flatness import (
     flatness_report,
     hessian_top_eigenvalue,
     hessian_trace,
+    radius_key,
     sam_sharpness,
+    sharpness_profile,
     top_eigenvalue,
 )
 
@@ -452,3 +454,74 @@ def test_deflated_trace_is_unbiased_with_less_spread_than_plain_hutchinson():
     spread = torch.tensor(deflated).std().item()
     assert abs(sum(deflated) / len(deflated) - exact) < 4 * spread / math.sqrt(len(deflated))
     assert spread < 0.25 * torch.tensor(plain).std().item()
+
+
+# --- sharpness at common radii ---------------------------------------------------------------
+
+
+def bn_net(scale: float = 1.0) -> nn.Module:
+    """conv -> BatchNorm (eval) -> ... : the conv's weights can be rescaled without changing the
+    function, as BatchNorm divides by the statistics it was given for the unscaled weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).to(DT)
+    with torch.no_grad():
+        net[1].running_var.fill_(2.0)
+        net[1].running_mean.normal_()
+        net[0].weight.mul_(scale)
+        net[1].running_mean.mul_(scale)
+        net[1].running_var.mul_(scale**2)
+    return net
+
+
+def bn_batches():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3, 5, 5, generator=g, dtype=DT)
+    return [(x, torch.randint(0, 3, (6,), generator=g))]
+
+
+def test_adaptive_sharpness_ignores_a_function_preserving_rescaling():
+    """Rescaling the conv before BatchNorm by 0.5 and 2 leaves outputs identical: plain sharpness
+    and the top eigenvalue move, adaptive sharpness stays (BatchNorm's eps aside)."""
+    batches = bn_batches()
+    nets = {s: bn_net(s) for s in (0.5, 1.0, 2.0)}
+    outs = [net.eval()(batches[0][0]) for net in nets.values()]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(outs[2], outs[1], rtol=1e-4, atol=1e-6)
+    reports = {
+        s: flatness_report(
+            net, F.cross_entropy, batches, rho=0.05, iters=30, samples=2, radii=[0.1]
+        )
+        for s, net in nets.items()
+    }
+    adaptive = [r["adaptive_sharpness"]["0.1"] for r in reports.values()]
+    plain = [r["sharpness"]["0.1"] for r in reports.values()]
+    assert max(adaptive) == pytest.approx(min(adaptive), rel=1e-3)
+    assert max(plain) - min(plain) > 10 * (max(adaptive) - min(adaptive))
+    tops = [r["hessian_top_eig"] for r in reports.values()]
+    assert max(tops) > 1.05 * min(tops)  # not invariant either
+    assert {r["bn_mode"] for r in reports.values()} == {"eval"}
+    norms = [r["weight_norm"] for r in reports.values()]
+    assert norms[0] < norms[1] < norms[2]
+
+
+def test_profile_matches_sam_sharpness_at_each_radius_and_restores_weights():
+    net, batches = tiny_net(2), tiny_batches((5, 3), seed=2)
+    before = snapshot(net)
+    radii = [0.01, 0.05, 0.1]
+    profile = sharpness_profile(net, F.cross_entropy, batches, radii=radii)
+    assert_bitwise(net, before)
+    for rho in radii:
+        for adaptive in (False, True):
+            alone = sam_sharpness(net, F.cross_entropy, batches, rho=rho, adaptive=adaptive)
+            assert profile[adaptive][rho] == pytest.approx(alone, rel=1e-12, abs=1e-15)
+    assert profile[False][0.01] < profile[False][0.05] < profile[False][0.1]
+    report = flatness_report(net, F.cross_entropy, batches, rho=0.05, samples=2, radii=radii)
+    assert report["sharpness"] == {radius_key(r): profile[False][r] for r in radii}
+    assert report["adaptive_sharpness"] == {radius_key(r): profile[True][r] for r in radii}

@@ -396,6 +396,27 @@ CASES: list[tuple[str, str, dict[str, Any] | str, list[str], list[str]]] = [
         ["final.flatness.tol"],
     ),
     (
+        "flatness-radius-zero",
+        "sweep",
+        {},
+        ["final.flatness.radii=[0.05, 0]"],
+        ["final.flatness.radii", "every radius must be > 0"],
+    ),
+    (
+        "flatness-radii-empty",
+        "sweep",
+        {},
+        ["final.flatness.radii=[]"],
+        ["final.flatness.radii", "at least 1"],
+    ),
+    (
+        "flatness-radius-text",
+        "sweep",
+        {},
+        ["final.flatness.radii=[0.05, big]"],
+        ["final.flatness.radii"],
+    ),
+    (
         "flatness-samples",
         "sweep",
         {},

@@ -51,6 +51,13 @@ def test_markdown_and_json_rows_and_comparisons(tiny_sweep, tmp_path, capsys):
         assert row["flatness"]["hessian_top_eig"] == pytest.approx(
             sum(f["flatness"]["hessian_top_eig"] for f in finals) / 2
         )
+        # Sharpness at one radius for every optimizer, plain and adaptive, from the finals.
+        assert row["flatness"]["sharpness_radius"] == 0.05
+        for key in ("sharpness", "adaptive_sharpness"):
+            assert row["flatness"][key] == pytest.approx(
+                sum(f["flatness"][key]["0.05"] for f in finals) / 2
+            )
+        assert all(f["flatness"]["bn_mode"] == "eval" for f in finals)
         assert row["seconds"] > 0 and row["images_per_s"] > 0
     assert rows["sgd"]["params"] == {"lr": 0.2}
     assert rows["msam"]["params"] == {"lr": 0.2, "rho": 0.1, "micro_batches": 2}
@@ -65,6 +72,7 @@ def test_markdown_and_json_rows_and_comparisons(tiny_sweep, tmp_path, capsys):
     assert md.startswith(f"# Leaderboard: {NAME}")
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| # | optimizer | lr | rho | m | val acc % | trials c/p/f")
+    assert "| sharpness@0.05 | adaptive@0.05 |" in table[0]
     assert len(table) == 4  # header + one row per optimizer
     for optimizer in ("sgd", "sam", "msam"):
         assert any(f"| {optimizer} |" in line and "| 3/1/1 |" in line for line in table)

@@ -71,7 +71,14 @@ def test_figures_hold_the_sweep_data(tiny_sweep):
             (row.test.ci_high - row.test.mean) * 100
         )
     flat = sections["flatness"].figure
-    assert sum(len(t.x) for t in flat.data) == 3 * 6  # 3 metrics x 6 final runs
+    assert sum(len(t.x) for t in flat.data) == 4 * 6  # 4 metrics x 6 final runs
+    titles = [a.text for a in flat.layout.annotations]
+    assert "sharpness at rho 0.05" in titles and "adaptive sharpness at rho 0.05" in titles
+    sharp = [t for t in flat.data if t.xaxis == "x3"]  # sharpness at the common radius
+    by_label = {t.name: list(t.x) for t in sharp}
+    for label, xs in by_label.items():
+        finals = [f for f in results.finals if f.label == label]
+        assert xs == [f.flatness["sharpness"]["0.05"] for f in finals]
     curves = sections["curves"].figure
     assert len(curves.data) == 2 * 6  # loss and accuracy of each final run
 
