@@ -97,8 +97,9 @@ def _read(path):
         return None
 
 
-def test_a_done_final_with_an_open_wandb_run_is_finished_by_the_rerun(tmp_path, monkeypatch):
-    """The same, in a second: a done final whose wandb.json says its run was left open."""
+def _done_final_with_an_open_run(tmp_path, monkeypatch):
+    """An SGD final trained (flatness off) whose wandb.json is then made to say its W&B run was
+    left open; returns a function that reruns it, and the recorded id."""
     from helpers.finals import make_sweep, spec_of
 
     from sweeps.finals import FlatnessSettings, run_final
@@ -109,12 +110,22 @@ def test_a_done_final_with_an_open_wandb_run_is_finished_by_the_rerun(tmp_path, 
     spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
     job = next(j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.optimizer == "sgd")
     off = FlatnessSettings(images=0)
-    assert run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False).outcome == "trained"
+
+    def rerun_final():
+        return run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+
+    assert rerun_final().outcome == "trained"
     recorded = json.loads((job.dir / "wandb.json").read_text())
     assert recorded["finished"] is True
     (job.dir / "wandb.json").write_text(json.dumps({**recorded, "finished": False}))
+    return job, rerun_final, recorded
 
-    again = run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+
+def test_a_done_final_with_an_open_wandb_run_is_finished_by_the_rerun(tmp_path, monkeypatch):
+    """The same, in a second: a done final whose wandb.json says its run was left open."""
+    job, rerun_final, recorded = _done_final_with_an_open_run(tmp_path, monkeypatch)
+
+    again = rerun_final()
     assert again.outcome == "skipped"  # nothing retrained
     assert json.loads((job.dir / "wandb.json").read_text())["finished"] is True
     runs = [read_offline_run(p, wait_s=30) for p in find_offline_runs(tmp_path)]
@@ -122,7 +133,7 @@ def test_a_done_final_with_an_open_wandb_run_is_finished_by_the_rerun(tmp_path, 
     summary = json.loads((job.dir / "summary.json").read_text())
     assert runs[-1].exit_code == 0 and runs[-1].summary["test_acc"] == summary["test_acc"]
     assert [row["epoch"] for row in runs[-1].history if "epoch" in row] == [1]
-    third = run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+    third = rerun_final()
     assert third.outcome == "skipped" and len(find_offline_runs(tmp_path)) == 2  # in line now
 
 
@@ -132,20 +143,9 @@ def test_a_finishing_run_that_wandb_cannot_start_stays_open_for_the_next_rerun(
     """wandb.init failing while a rerun finishes a final's open run (a busy machine, a broken
     service) is a warning, and wandb.json keeps saying the run is open: the rerun after it
     finishes the run, instead of the files claiming a W&B run that was never written."""
-    from helpers.finals import make_sweep, spec_of
-
-    from sweeps.finals import FlatnessSettings, run_final
-    from sweeps.finals.plan import plan_finals
-    from sweeps.layout import RunFolder
     from sweeps.tracking import WandbCallback
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    spec, storage = make_sweep(tmp_path, spec_of(**{"base.tracking.wandb.mode": "offline"}))
-    job = next(j for j in plan_finals(spec, storage, RunFolder(tmp_path)) if j.optimizer == "sgd")
-    off = FlatnessSettings(images=0)
-    assert run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False).outcome == "trained"
-    recorded = json.loads((job.dir / "wandb.json").read_text())
-    (job.dir / "wandb.json").write_text(json.dumps({**recorded, "finished": False}))
+    job, rerun_final, recorded = _done_final_with_an_open_run(tmp_path, monkeypatch)
 
     def refuse(self, config):
         raise TimeoutError("the service did not answer")
@@ -153,10 +153,10 @@ def test_a_finishing_run_that_wandb_cannot_start_stays_open_for_the_next_rerun(
     with monkeypatch.context() as patch:
         patch.setattr(WandbCallback, "_init", refuse)
         with pytest.warns(RuntimeWarning, match="could not start a run"):
-            run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+            rerun_final()
     assert json.loads((job.dir / "wandb.json").read_text())["finished"] is False
 
-    run_final(job, spec, RunFolder(tmp_path), None, off, verbose=False)
+    rerun_final()
     assert json.loads((job.dir / "wandb.json").read_text())["finished"] is True
     runs = [read_offline_run(p, wait_s=30) for p in find_offline_runs(tmp_path)]
     assert [r.run_id for r in runs] == [recorded["id"]] * 2 and runs[-1].exit_code == 0
