@@ -25,7 +25,16 @@ from typing import Any
 
 from sweeps.budget import grad_evals_of
 from sweeps.results.read import FinalRecord, SweepResults, json_safe, mean_of, package_versions
-from sweeps.results.stats import PairedDiff, Summary, compare_optimizers, summarize
+from sweeps.results.stats import (
+    LogSummary,
+    PairedDiff,
+    PairedRatio,
+    Summary,
+    compare_optimizers,
+    compare_ratios,
+    summarize,
+    summarize_log,
+)
 from sweeps.spec import Flatness
 from sweeps.studies import study_name
 
@@ -136,6 +145,10 @@ class Leaderboard:
     compared_seeds: list[int]
     notes: list[str]
     versions: dict[str, str]
+    #: Per optimizer (best configuration), each flatness metric's geometric mean over the paired
+    #: seeds with its interval on the log scale; and the paired ratios between optimizers.
+    flatness_summaries: dict[str, dict[str, LogSummary | None]] = field(default_factory=dict)
+    flatness_comparisons: list[PairedRatio] = field(default_factory=list)
 
     # ------------------------------------------------------------------ views
 
@@ -238,6 +251,11 @@ class Leaderboard:
                 "rows": [row.to_json() for row in self.rows],
                 "compared_seeds": self.compared_seeds,
                 "comparisons": [_diff_json(d) for d in self.comparisons],
+                "flatness_summaries": {
+                    opt: {k: None if v is None else asdict(v) for k, v in metrics.items()}
+                    for opt, metrics in self.flatness_summaries.items()
+                },
+                "flatness_comparisons": [asdict(r) for r in self.flatness_comparisons],
                 "notes": self.notes,
                 "versions": self.versions,
             }
@@ -253,13 +271,15 @@ class Leaderboard:
         lines.append("")
         lines.append(
             "Test accuracy in %: mean ± std over seeds, 95% t-interval of the mean. Trials: "
-            "complete/pruned/failed. Flatness: means over seeds on a fixed training sample "
-            "(top Hessian eigenvalue, Hutchinson trace, SAM sharpness L(w+eps)-L(w) at the run's "
-            "rho; SGD at base.optim.rho). Seconds: wall time of one final run."
+            "complete/pruned/failed. Flatness: means over seeds on a fixed training sample, "
+            "BatchNorm in eval mode (top Hessian eigenvalue, Hutchinson trace, sharpness "
+            "L(w+eps)-L(w) and adaptive sharpness at one radius for every optimizer). Seconds: "
+            "wall time of one final run."
         )
         if self.comparisons:
             lines += ["", "## Paired comparisons (by seed)", ""]
             lines += [f"- {d.verdict}" for d in self.comparisons]
+        lines += self._flatness_markdown()
         if self.notes:
             lines += ["", "## Notes", ""]
             lines += [f"- {markdown_text(note)}" for note in self.notes]
@@ -268,6 +288,21 @@ class Leaderboard:
         versions = ", ".join(f"{k} {v}" for k, v in self.versions.items())
         lines += ["", f"Versions: {versions}", ""]
         return "\n".join(lines)
+
+    def _flatness_markdown(self) -> list[str]:
+        """Flatness per optimizer on the log scale, and its paired ratios (Holm over all)."""
+        if not self.flatness_summaries:
+            return []
+        lines = ["", "## Flatness (geometric means over the paired seeds, 95% CI on the log scale)"]
+        lines.append("")
+        for label, metrics in self.flatness_summaries.items():
+            shown = [f"{name} {s.text()}" for name, s in metrics.items() if s is not None]
+            if shown:
+                lines.append(f"- {label}: " + "; ".join(shown))
+        if self.flatness_comparisons:
+            lines += ["", "Paired ratios (lower is flatter; Holm across every metric and pair):"]
+            lines += [""] + [f"- {r.verdict}" for r in self.flatness_comparisons]
+        return lines
 
     def print(self, console: Any = None) -> None:
         """Two rich tables (tuning, then finals: 16 columns do not fit a terminal) and the
@@ -444,6 +479,8 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
     else:
         rows.sort(key=lambda r: (r.tuning_val_acc is None, -(r.tuning_val_acc or 0.0)))
     comparisons, seeds = _comparisons(results, confidence)
+    radius = sharpness_radius(spec_radii(results))
+    flat_summaries, flat_comparisons = _flatness_comparisons(results, seeds, radius, confidence)
     missing = [o for o in results.optimizers if not any(r.test for r in rows if r.optimizer == o)]
     if has_finals and missing:
         notes.append(f"no complete final run for {', '.join(missing)}")
@@ -457,7 +494,39 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
         compared_seeds=seeds,
         notes=notes,
         versions=package_versions(),
+        flatness_summaries=flat_summaries,
+        flatness_comparisons=flat_comparisons,
     )
+
+
+def _flatness_comparisons(
+    results: SweepResults, seeds: Sequence[int], radius: float, confidence: float
+) -> tuple[dict[str, dict[str, LogSummary | None]], list[PairedRatio]]:
+    """Each optimizer's flatness on the seeds every optimizer completed (its best configuration),
+    summarised on the log scale, and the paired ratios between optimizers."""
+    if not seeds:
+        return {}, []
+    titles = {
+        key: f"{title}@{radius:g}" if key.endswith("sharpness") else title
+        for key, title in FLATNESS_KEYS.items()
+    }
+    per_metric: dict[str, dict[str, list[float]]] = {title: {} for title in titles.values()}
+    for optimizer in results.optimizers:
+        by_seed = {f.seed: f for f in results.finals_of(optimizer) if f.test_acc is not None}
+        for key, title in titles.items():
+            values = [flatness_value(by_seed[s].flatness, key, radius) for s in seeds]
+            if all(isinstance(v, (int, float)) for v in values):
+                per_metric[title][optimizer] = [float(v) for v in values]
+    summaries = {
+        optimizer: {
+            title: summarize_log(per_metric[title][optimizer], confidence)
+            for title in titles.values()
+            if optimizer in per_metric[title]
+        }
+        for optimizer in results.optimizers
+    }
+    summaries = {opt: m for opt, m in summaries.items() if m}
+    return summaries, compare_ratios(per_metric, confidence=confidence)
 
 
 def _comparisons(results: SweepResults, confidence: float) -> tuple[list[PairedDiff], list[int]]:

@@ -22,12 +22,16 @@ from typing import Any
 from scipy import stats as _scipy_stats
 
 __all__ = [
+    "LogSummary",
     "PairedDiff",
+    "PairedRatio",
     "Summary",
+    "compare_ratios",
     "compare_optimizers",
     "holm_adjust",
     "paired_difference",
     "summarize",
+    "summarize_log",
 ]
 
 DEFAULT_PAIRS: tuple[tuple[str, str], ...] = (("msam", "sam"), ("sam", "sgd"), ("msam", "sgd"))
@@ -279,3 +283,133 @@ def compare_optimizers(
         for i, p_adj in zip(tested, adjusted):
             diffs[i] = _with_significance(dataclasses.replace(diffs[i], p_adjusted=p_adj), p_adj)
     return diffs
+
+
+# ----------------------------------------------------------------------------- positive quantities
+
+
+@dataclass(frozen=True)
+class LogSummary:
+    """Geometric mean of a positive quantity over seeds, with a t-interval on the log scale.
+
+    Curvature (a top Hessian eigenvalue, a trace, a sharpness) is positive and skewed: a
+    symmetric interval on the raw values runs below zero ("63.6 (-24.3 to 151.5)"); on the log
+    scale it stays positive and reads as a factor. None of the interval with one seed.
+    """
+
+    n: int
+    geo_mean: float
+    ci_low: float | None
+    ci_high: float | None
+    values: tuple[float, ...]
+    confidence: float = 0.95
+
+    def text(self, digits: int = 4) -> str:
+        mean = f"{self.geo_mean:.{digits}g}"
+        if self.ci_low is None or self.ci_high is None:
+            return f"{mean} (n={self.n}: no interval)"
+        return (
+            f"{mean} ({_percent(self.confidence)} CI {self.ci_low:.{digits}g} to "
+            f"{self.ci_high:.{digits}g}, n={self.n})"
+        )
+
+
+def summarize_log(values: Sequence[float], confidence: float = 0.95) -> LogSummary | None:
+    """:class:`LogSummary` of ``values``; None unless every value is finite and > 0."""
+    vals = [float(v) for v in values]
+    if not vals or any(not math.isfinite(v) or v <= 0.0 for v in vals):
+        return None
+    logs = summarize([math.log(v) for v in vals], confidence)
+    low = None if logs.ci_low is None else math.exp(logs.ci_low)
+    high = None if logs.ci_high is None else math.exp(logs.ci_high)
+    return LogSummary(len(vals), math.exp(logs.mean), low, high, tuple(vals), confidence)
+
+
+@dataclass(frozen=True)
+class PairedRatio:
+    """``a / b`` of a positive quantity paired by seed: the geometric mean ratio, its interval
+    and the paired t-test on the log ratios (``p_adjusted``: Holm across the family tested)."""
+
+    metric: str
+    a: str
+    b: str
+    n: int
+    ratio: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    p_adjusted: float | None
+    significant: bool
+    verdict: str
+    confidence: float = 0.95
+
+
+def _ratio_verdict(r: PairedRatio, alpha: float) -> str:
+    head = f"{r.metric}: {r.a} / {r.b} = {r.ratio:.3g}x"
+    if r.n > 1 and r.ci_low is not None and r.ci_low == r.ci_high:
+        return f"{head} (n={r.n}): every seed gave the same ratio, so no test is possible"
+    if r.p_value is None or r.ci_low is None or r.ci_high is None:
+        return f"{head}; n={r.n}: no test possible"
+    p = f"p {_format_p(r.p_value)}"
+    if r.p_adjusted is not None:
+        p += f", Holm-adjusted p {_format_p(r.p_adjusted)}"
+    ci = f"{_percent(r.confidence)} CI {r.ci_low:.3g}x to {r.ci_high:.3g}x"
+    level = _percent(alpha)
+    if not r.significant:
+        return f"{head} ({ci}, {p}, n={r.n}): not significant at {level}"
+    lower = r.a if r.ratio < 1 else r.b
+    return f"{head} ({ci}, {p}, n={r.n}): significant at {level}, {lower} flatter"
+
+
+def compare_ratios(
+    metrics: Mapping[str, Mapping[str, Sequence[float]]],
+    pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
+    *,
+    confidence: float = 0.95,
+    alpha: float = 0.05,
+) -> list[PairedRatio]:
+    """Paired ratios ``a / b`` per metric (``{metric: {optimizer: per-seed values}}``), tested
+    on the log scale; Holm's adjustment runs over every metric and pair together (one family).
+    A metric with a value <= 0 for either side is not compared."""
+    out: list[PairedRatio] = []
+    for metric, by_optimizer in metrics.items():
+        for a, b in pairs:
+            if a not in by_optimizer or b not in by_optimizer:
+                continue
+            va, vb = list(by_optimizer[a]), list(by_optimizer[b])
+            if not va or any(v <= 0 or not math.isfinite(v) for v in (*va, *vb)):
+                continue
+            d = paired_difference(
+                [math.log(v) for v in va],
+                [math.log(v) for v in vb],
+                a_name=a,
+                b_name=b,
+                confidence=confidence,
+                alpha=alpha,
+                scale=1.0,
+                unit="",
+            )
+            degenerate = d.std == 0.0
+            out.append(
+                PairedRatio(
+                    metric=metric,
+                    a=a,
+                    b=b,
+                    n=d.n,
+                    ratio=math.exp(d.mean),
+                    ci_low=None if d.ci_low is None else math.exp(d.ci_low),
+                    ci_high=None if d.ci_high is None else math.exp(d.ci_high),
+                    p_value=None if degenerate else d.p_value,
+                    p_adjusted=None,
+                    significant=False,
+                    verdict="",
+                    confidence=confidence,
+                )
+            )
+    tested = [i for i, r in enumerate(out) if r.p_value is not None]
+    adjusted = holm_adjust([out[i].p_value for i in tested]) if tested else []  # type: ignore[misc]
+    for i, p_adj in zip(tested, adjusted):
+        out[i] = dataclasses.replace(
+            out[i], p_adjusted=p_adj if len(tested) > 1 else None, significant=p_adj < alpha
+        )
+    return [dataclasses.replace(r, verdict=_ratio_verdict(r, alpha)) for r in out]

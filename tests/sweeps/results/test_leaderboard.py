@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -68,8 +69,25 @@ def test_markdown_and_json_rows_and_comparisons(tiny_sweep, tmp_path, capsys):
         assert c["n"] == 2 and c["p_value"] is not None and c["p_adjusted"] is not None
         assert ("not significant" in c["verdict"]) == (not c["significant"])
 
+    # Flatness per optimizer on the log scale, and paired ratios with Holm over the family.
+    summaries = board["flatness_summaries"]
+    assert set(summaries) == {"sgd", "sam", "msam"}
+    for optimizer, metrics in summaries.items():
+        finals = [read_json(run_dir / f"finals/{optimizer}/seed{s}/summary.json") for s in (0, 1)]
+        traces = [f["flatness"]["hessian_trace"] for f in finals]
+        if all(t > 0 for t in traces):
+            geo = math.exp(sum(math.log(t) for t in traces) / 2)
+            assert metrics["trace"]["geo_mean"] == pytest.approx(geo)
+        assert set(metrics) <= {"top eig", "trace", "sharpness@0.05", "adaptive@0.05"}
+    ratios = board["flatness_comparisons"]
+    assert ratios and all(r["n"] == 2 for r in ratios)
+    tested = [r for r in ratios if r["p_value"] is not None]
+    assert all(r["p_adjusted"] is not None for r in tested) or len(tested) < 2
+
     md = (run_dir / "leaderboard.md").read_text()
     assert md.startswith(f"# Leaderboard: {NAME}")
+    assert "## Flatness (geometric means over the paired seeds" in md
+    assert all(f"- {r['verdict']}" in md for r in ratios)
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| # | optimizer | lr | rho | m | val acc % | trials c/p/f")
     assert "| sharpness@0.05 | adaptive@0.05 |" in table[0]

@@ -6,7 +6,14 @@ import math
 
 import pytest
 
-from sweeps.results.stats import compare_optimizers, holm_adjust, paired_difference, summarize
+from sweeps.results.stats import (
+    compare_optimizers,
+    compare_ratios,
+    holm_adjust,
+    paired_difference,
+    summarize,
+    summarize_log,
+)
 
 # Student t quantiles from a table (not from scipy): t(0.975, df) and t(0.95, 2).
 T975 = {1: 12.706204736174707, 2: 4.302652729911275}
@@ -148,3 +155,74 @@ def test_compare_optimizers_one_seed_each():
     diffs = compare_optimizers({"sgd": [0.9], "sam": [0.91], "msam": [0.92]})
     assert len(diffs) == 3
     assert all(d.p_value is None and d.p_adjusted is None and not d.significant for d in diffs)
+
+
+# --- positive quantities on the log scale -----------------------------------------------------
+
+
+def test_log_summary_is_a_positive_interval_around_the_geometric_mean():
+    """The claims' "63.6 (-24.3 to 151.5)": three top eigenvalues whose t-interval goes negative
+    keep a positive interval on the log scale, by hand: exp(mean(log) +- t * sd(log) / sqrt(n))."""
+    values = [20.0, 60.0, 110.0]
+    raw = summarize(values)
+    assert raw.ci_low < 0
+    s = summarize_log(values)
+    logs = [math.log(v) for v in values]
+    mean = sum(logs) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in logs) / 2)
+    half = 4.302652729911275 * sd / math.sqrt(3)  # t(0.975, df=2)
+    assert s.geo_mean == pytest.approx(math.exp(mean))
+    assert s.ci_low == pytest.approx(math.exp(mean - half))
+    assert s.ci_high == pytest.approx(math.exp(mean + half))
+    assert 0 < s.ci_low < s.geo_mean < s.ci_high
+    assert "95% CI" in s.text() and "n=3" in s.text()
+
+
+def test_log_summary_needs_positive_values_and_says_n1():
+    assert summarize_log([1.0, -0.5]) is None
+    assert summarize_log([1.0, 0.0]) is None
+    assert summarize_log([]) is None
+    one = summarize_log([4.0])
+    assert one.geo_mean == 4.0 and one.ci_low is None and "no interval" in one.text()
+
+
+def test_paired_ratios_by_hand_with_holm_across_metrics():
+    metrics = {
+        "top eig": {"sgd": [100.0, 120.0, 90.0], "sam": [50.0, 66.0, 40.0]},
+        "trace": {"sgd": [400.0, 500.0, 450.0], "sam": [410.0, 480.0, 470.0]},
+    }
+    ratios = compare_ratios(metrics, pairs=[("sam", "sgd")])
+    assert [(r.metric, r.a, r.b) for r in ratios] == [
+        ("top eig", "sam", "sgd"),
+        ("trace", "sam", "sgd"),
+    ]
+    for r, metric in zip(ratios, metrics):
+        d = paired_difference(
+            [math.log(v) for v in metrics[metric]["sam"]],
+            [math.log(v) for v in metrics[metric]["sgd"]],
+            a_name="sam",
+            b_name="sgd",
+            scale=1.0,
+            unit="",
+        )
+        assert r.ratio == pytest.approx(math.exp(d.mean))
+        assert r.ci_low == pytest.approx(math.exp(d.ci_low))
+        assert r.p_value == pytest.approx(d.p_value)
+    adjusted = holm_adjust([r.p_value for r in ratios])
+    assert [r.p_adjusted for r in ratios] == pytest.approx(adjusted)
+    top = ratios[0]
+    assert top.ratio < 1 and top.significant == (top.p_adjusted < 0.05)
+    if top.significant:
+        assert "sam flatter" in top.verdict
+
+
+def test_paired_ratios_degenerate_cases_say_so():
+    same = compare_ratios({"trace": {"sam": [2.0, 4.0], "sgd": [1.0, 2.0]}}, pairs=[("sam", "sgd")])
+    assert same[0].ratio == pytest.approx(2.0) and same[0].p_value is None
+    assert "every seed gave the same ratio" in same[0].verdict and not same[0].significant
+    one = compare_ratios({"trace": {"sam": [2.0], "sgd": [1.0]}}, pairs=[("sam", "sgd")])
+    assert one[0].p_value is None and "no test possible" in one[0].verdict
+    negative = compare_ratios(
+        {"s": {"sam": [2.0, -1.0], "sgd": [1.0, 2.0]}}, pairs=[("sam", "sgd")]
+    )
+    assert negative == []
