@@ -16,7 +16,7 @@ import platform
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -362,7 +362,7 @@ def run(
         "rho": rho,
         "seeds": seeds,
         "epochs": epochs or spec.base.train.epochs,
-        "flatness": asdict(flat),
+        "flatness": flat.record(),
         "runs": rows,
         "summary": summarize_rows(rows, [a.label for a in arms]),
     }

@@ -34,7 +34,9 @@ def test_claims_run_writes_tables_and_resumes(tmp_path):
         "images": 32,
         "batch_size": 256,
         "iters": 2,
+        "tol": 1e-3,
         "samples": 2,
+        "radii": [0.01, 0.05, 0.1],
         "seed": 0,
     }
     assert {r["flatness_images"] for r in result["runs"]} == {32}
