@@ -151,6 +151,7 @@ def _sweep_storage(args: argparse.Namespace) -> str | None:
 def run_sweep(args: argparse.Namespace) -> int:
     from sweeps.engine import run_sweep as engine_run_sweep
     from sweeps.run import SweepRun
+    from sweeps.tracking import own_service
 
     storage = _sweep_storage(args)
     slots = _slots(args, storage)
@@ -158,6 +159,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     run = SweepRun.create(spec, args.out, storage, slots=slots, stage=args.stage)
     if args.storage is None and storage is not None:
         print(f"storage from ${STORAGE_ENV}: {run.storage.shown} (--storage overrides it)")
+    own_service()  # its workers share the launcher's W&B service, never a parent's
     return engine_run_sweep(run)
 
 

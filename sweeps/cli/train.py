@@ -38,10 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
 def tracking_callbacks(cfg, out_dir: Path) -> list:
     """A W&B run (job_type train, under ``out_dir/wandb``) when ``tracking.wandb`` asks for one."""
-    from sweeps.tracking import WandbCallback
+    from sweeps.tracking import WandbCallback, own_service
 
     if cfg.tracking.wandb.mode == "disabled":
         return []
+    own_service()
     return [WandbCallback.from_train_config(cfg, job_type="train", dir=out_dir)]
 
 

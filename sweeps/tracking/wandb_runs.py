@@ -32,6 +32,7 @@ __all__ = [
     "WandbCallback",
     "find_offline_runs",
     "has_credentials",
+    "own_service",
     "resolve_mode",
     "start_service",
     "sync_run",
@@ -256,6 +257,20 @@ class WandbCallback(Callback):
             reinit="create_new",
             settings=settings,
         )
+
+
+def own_service() -> None:
+    """Forget a W&B service inherited from the parent process, so that this command starts its
+    own (which ends with it).
+
+    W&B hands its service to child processes through ``WANDB_SERVICE``. A top-level command
+    (``msam sweep``, ``msam train``) started from a process that runs W&B (a notebook, a test
+    runner, a script) would otherwise log into that process's service: a run of an msam process
+    killed with ``kill -9`` then stays open there ("run ID ... is in use"), and the rerun that
+    should continue it cannot; a service that has ended leaves nothing to connect to at all.
+    ``msam worker``s keep their launcher's service on purpose: it ends with the launcher.
+    """
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def start_service(mode: str = "auto") -> None:

@@ -63,7 +63,7 @@ def test_kill_during_flatness_then_rerun_finishes_the_wandb_run(
     assert json.loads((final / "wandb.json").read_text()) == {
         "id": recorded["id"],
         "finished": True,
-    }
+    }, again.stderr
     finished = _finished_runs(out, recorded["id"], again.stderr)
     last = finished[-1]
     assert last.summary["test_acc"] == summary["test_acc"]

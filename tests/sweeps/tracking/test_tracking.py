@@ -129,3 +129,59 @@ def test_sync(no_credentials, tmp_path, capsys):
     (tmp_path / "wandb" / "offline-run-20260101_000000-abcd1234").mkdir(parents=True)
     with pytest.raises(UserError, match="wandb login"):
         sync_run(tmp_path)
+
+
+def test_msam_train_starts_its_own_wandb_service_not_its_parents(tmp_path):
+    """A W&B service inherited from the parent process (``WANDB_SERVICE``; here one that has
+    ended with its process) is not used: ``msam train`` starts its own and its run is logged.
+    Before, the run was lost with a warning; with a parent still alive, a killed msam process
+    left its run open in the parent's service ("run ID ... is in use") for every rerun."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+    from helpers import REPO
+
+    ended = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, wandb; wandb.setup(); print(os.environ['WANDB_SERVICE'])",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        timeout=120,
+    )
+    token = ended.stdout.strip().splitlines()[-1]
+    assert token, ended.stderr
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "own-service",
+                "data": {"dataset": "digits", "subset": 128},
+                "model": {"name": "test_resnet"},
+                "optim": {"name": "sgd", "lr": 0.1},
+                "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+                "tracking": {"wandb": {"mode": "offline"}},
+            }
+        )
+    )
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps.cli", "train", str(config), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_SERVICE": token},
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "could not start a run" not in done.stderr, done.stderr
+    (run_dir,) = list((out / "wandb").glob("offline-run-*"))
+    logged = read_offline_run(run_dir, wait_s=30)
+    assert logged.exit_code == 0
+    assert logged.summary["test_acc"] == json.loads((out / "summary.json").read_text())["test_acc"]
