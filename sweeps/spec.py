@@ -252,7 +252,8 @@ class Flatness(Section):
         ge=1,
         le=10_000,
         description="at most this many Lanczos steps (Hessian-vector products) for the top "
-        "eigenvalue; fewer once it is certified to tol (<= 10000)",
+        "eigenvalue; fewer once it is certified to tol; each step keeps one copy of the "
+        "parameters for the deflated trace (<= 10000)",
     )
     tol: Float = Field(
         1e-3,
