@@ -303,12 +303,20 @@ def _hutchinson_samples(
     samples: int,
     seed: int,
     hessian: _Hessian | None = None,
+    basis: Sequence[Sequence[Tensor]] = (),
 ) -> list[float]:
     """One ``v^T H v`` per Rademacher vector ``v``; their mean is the trace estimate.
 
     Batches run in the outer loop: each batch's gradient graph is built once and serves every
     vector. Vector k is regenerated per batch from its own seed, so only one lives at a time.
     ``hessian`` (built on the same model and batches) lends a graph it already holds.
+
+    ``basis`` (orthonormal vectors ``Q``, e.g. Lanczos's) is projected out of every probe: the
+    samples are then of ``(P v)^T H (P v)`` with ``P = I - Q Q^T``, unbiased for
+    ``tr(H) - tr(Q^T H Q)`` as long as ``Q`` does not depend on the probes. With the top
+    eigen-directions in ``Q``, which dominate plain Hutchinson's variance, the same number of
+    probes gives a smaller standard error (a Krylov variant of Hutch++, Meyer et al., 2021,
+    "Hutch++: Optimal Stochastic Trace Estimation").
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -318,62 +326,25 @@ def _hutchinson_samples(
     with _measuring(model) as params, torch.enable_grad():
         if not params:
             return estimates
+
+        def probe(k: int) -> list[Tensor]:
+            vec = _random_vector(params, gen.manual_seed(vector_seeds[k]), "rademacher")
+            for _ in range(2 if basis else 0):  # twice: orthogonal to rounding
+                for q in basis:
+                    torch._foreach_add_(vec, q, alpha=-_dot(vec, q))
+            return vec
+
         if hessian is not None and hessian.holds_graph:
-            for k, vector_seed in enumerate(vector_seeds):
-                vec = _random_vector(params, gen.manual_seed(vector_seed), "rademacher")
+            for k in range(samples):
+                vec = probe(k)
                 estimates[k] = _dot(vec, hessian(vec))
             return estimates
         for loss in _weighted_losses(model, loss_fn, batches):
             grads = _grads(loss, params, create_graph=True)
-            for k, vector_seed in enumerate(vector_seeds):
-                vec = _random_vector(params, gen.manual_seed(vector_seed), "rademacher")
+            for k in range(samples):
+                vec = probe(k)
                 estimates[k] += _dot(vec, _hvp_of(grads, params, vec))
     return estimates
-
-
-def _deflated_hutchinson(
-    hessian: _Hessian,
-    params: Sequence[Tensor],
-    krylov: _Krylov,
-    samples: int,
-    seed: int,
-) -> list[float]:
-    """Hutchinson's samples of ``tr(H)`` with the Lanczos subspace taken out exactly.
-
-    With ``Q`` the orthonormal Lanczos vectors and ``P = I - Q Q^T``,
-    ``tr(H) = tr(Q^T H Q) + tr(P H P)``: the first term is the sum of the Lanczos ``alpha``s
-    (exact), the second is estimated by ``(P v)^T H (P v)`` for Rademacher ``v``. The top
-    eigen-directions, which dominate the variance of plain Hutchinson, are in ``Q``, so the
-    same number of probes gives a smaller standard error (a Krylov variant of Hutch++, Meyer et
-    al., 2021, "Hutch++: Optimal Stochastic Trace Estimation"). Unbiased: ``Q`` does not depend
-    on the probes.
-    """
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
-    gen = torch.Generator().manual_seed(int(seed))
-    vector_seeds = torch.randint(0, 2**62, (samples,), generator=gen).tolist()
-
-    def probe(k: int) -> list[Tensor]:  # P v_k, made again where needed: one lives at a time
-        vec = _random_vector(params, gen.manual_seed(vector_seeds[k]), "rademacher")
-        for _ in range(2):
-            for q in krylov.basis:
-                torch._foreach_add_(vec, q, alpha=-_dot(vec, q))
-        return vec
-
-    outside = [0.0] * samples
-    if hessian.holds_graph:
-        for k in range(samples):
-            vec = probe(k)
-            outside[k] = _dot(vec, hessian(vec))
-    else:  # batches outermost: each batch's graph is built once and serves every probe
-        with torch.enable_grad():
-            for loss in _weighted_losses(hessian.model, hessian.loss_fn, hessian.batches):
-                grads = _grads(loss, params, create_graph=True)
-                for k in range(samples):
-                    vec = probe(k)
-                    outside[k] += _dot(vec, _hvp_of(grads, params, vec))
-    inside = sum(krylov.alphas)
-    return [inside + value for value in outside]
 
 
 def hessian_trace(
@@ -505,36 +476,42 @@ def flatness_report(
         if params:
             hessian = _Hessian(model, loss_fn, batches, params)
             krylov = _lanczos(hessian, params, iters=iters, tol=tol, seed=seed, keep_basis=True)
-            top = krylov.top
-            if krylov.basis:
-                estimates = _deflated_hutchinson(hessian, params, krylov, samples, seed)
-            else:  # the eigenvalue was not finite: no basis to deflate with
-                estimates = _hutchinson_samples(model, loss_fn, batches, samples, seed, hessian)
+            top, deflated = krylov.top, len(krylov.basis)
+            # tr(H) = tr(Q^T H Q) (the alphas, exact) + Hutchinson on the rest; a non-finite
+            # eigenvalue leaves no basis and no alphas: plain Hutchinson.
+            outside = _hutchinson_samples(
+                model, loss_fn, batches, samples, seed, hessian, krylov.basis
+            )
+            estimates = [sum(krylov.alphas) + value for value in outside]
             del hessian, krylov  # the graph and the Lanczos vectors
         else:
-            top, estimates = TopEigenvalue(0.0, 0, 0.0, True), [0.0] * max(samples, 1)
+            top, deflated = TopEigenvalue(0.0, 0, 0.0, True), 0
+            estimates = [0.0] * max(samples, 1)
     mean = sum(estimates) / len(estimates)
     stderr = None
     if len(estimates) > 1:
         var = sum((e - mean) ** 2 for e in estimates) / (len(estimates) - 1)
         stderr = math.sqrt(var / len(estimates))
+    # One gradient and one unperturbed loss serve the run's own rho and the common radii.
+    modes = (False, True) if radii else (adaptive,)
+    everywhere = sorted({float(rho), *map(float, radii)})
+    profile = sharpness_profile(model, loss_fn, batches, radii=everywhere, adaptive=modes)
     report: dict[str, Any] = {
         "hessian_top_eig": top.value,
         "hessian_top_eig_iters": top.iters,
         "hessian_top_eig_converged": top.converged,
         "hessian_trace": mean,
         "hessian_trace_stderr": stderr,
-        "hessian_trace_deflated": top.iters,
-        "sam_sharpness": sam_sharpness(model, loss_fn, batches, rho=rho, adaptive=adaptive),
+        "hessian_trace_deflated": deflated,
+        "sam_sharpness": profile[adaptive][float(rho)],
         "rho": float(rho),
         "n_images": sum(int(x.shape[0]) for x, _ in batches),
         "bn_mode": "eval",
         "weight_norm": weight_norm(model),
     }
     if radii:
-        profile = sharpness_profile(model, loss_fn, batches, radii=radii)
         for scaled, key in ((False, "sharpness"), (True, "adaptive_sharpness")):
-            report[key] = {radius_key(r): v for r, v in profile[scaled].items()}
+            report[key] = {radius_key(r): profile[scaled][float(r)] for r in radii}
     return report
 
 
