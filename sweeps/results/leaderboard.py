@@ -44,6 +44,7 @@ __all__ = [
     "Leaderboard",
     "Row",
     "build_leaderboard",
+    "flatness_titles",
     "flatness_value",
     "markdown_text",
     "sharpness_radius",
@@ -194,10 +195,7 @@ class Leaderboard:
         cols = ["#", "optimizer", "lr", "rho", "m", "val acc %", "trials c/p/f"]
         cols += ["test acc %", "95% CI", "seeds"]
         radius = next((r.sharpness_radius for r in self.rows if r.sharpness_radius), None)
-        cols += [
-            f"{title}@{radius:g}" if key.endswith("sharpness") and radius else title
-            for key, title in FLATNESS_KEYS.items()
-        ]
+        cols += list(flatness_titles(radius).values())
         cols += ["seconds", "grad evals/update", "images/s"]
         return cols
 
@@ -361,6 +359,14 @@ def _diff_json(d: PairedDiff) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- building
 
 
+def flatness_titles(radius: float | None) -> dict[str, str]:
+    """``FLATNESS_KEYS``' titles, the sharpness ones with the radius they are shown at."""
+    return {
+        key: f"{title}@{radius:g}" if key.endswith("sharpness") and radius else title
+        for key, title in FLATNESS_KEYS.items()
+    }
+
+
 def spec_radii(results: SweepResults) -> list[float]:
     """The radii the sweep's finals measure sharpness at (the spec's default without a spec)."""
     spec = results.spec
@@ -420,6 +426,7 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
     """Rows, paired comparisons and notes from a sweep's studies and finals."""
     rows: list[Row] = []
     notes: list[str] = []
+    radius = sharpness_radius(spec_radii(results))
     for optimizer in results.optimizers:
         study = results.studies.get(optimizer)
         ranks = results.ranks(optimizer) or [1]
@@ -460,7 +467,7 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
                     f"{row.label}: finals are of trial {job.get('trial')}, but the study's rank "
                     f"{rank} is now trial {trial.number}; rerun the final stage to update them"
                 )
-            _final_block(row, finals, sharpness_radius(spec_radii(results)))
+            _final_block(row, finals, radius)
             rows.append(row)
     for label, trial in dict.fromkeys((f.label, f.trial) for f in results.set_aside):
         seeds = [f.seed for f in results.set_aside if (f.label, f.trial) == (label, trial)]
@@ -479,7 +486,6 @@ def build_leaderboard(results: SweepResults, *, confidence: float = 0.95) -> Lea
     else:
         rows.sort(key=lambda r: (r.tuning_val_acc is None, -(r.tuning_val_acc or 0.0)))
     comparisons, seeds = _comparisons(results, confidence)
-    radius = sharpness_radius(spec_radii(results))
     flat_summaries, flat_comparisons = _flatness_comparisons(results, seeds, radius, confidence)
     missing = [o for o in results.optimizers if not any(r.test for r in rows if r.optimizer == o)]
     if has_finals and missing:
@@ -506,10 +512,7 @@ def _flatness_comparisons(
     summarised on the log scale, and the paired ratios between optimizers."""
     if not seeds:
         return {}, []
-    titles = {
-        key: f"{title}@{radius:g}" if key.endswith("sharpness") else title
-        for key, title in FLATNESS_KEYS.items()
-    }
+    titles = flatness_titles(radius)
     per_metric: dict[str, dict[str, list[float]]] = {title: {} for title in titles.values()}
     for optimizer in results.optimizers:
         by_seed = {f.seed: f for f in results.finals_of(optimizer) if f.test_acc is not None}
